@@ -1,0 +1,293 @@
+"""Typed run configuration: TOML files map onto one dataclass per component.
+
+Every knob is declared once here, with its type, allowed range and a doc string;
+the shipped TOML files mirror these sections. Loading rejects unknown keys, wrong
+types and out-of-range values with one line naming the file, the key and what is
+allowed. Nothing here touches torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, missing file, bad reward); its message is one line."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration mistake."""
+
+
+def knob(default, doc: str, *, choices=None, ge=None, gt=None, le=None, lt=None):
+    """A config field with its documentation and validation rules."""
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    kind: str = knob("embedded", "Which model family to load.", choices=("embedded",))
+    path: str = knob("", "Directory with the model weights; empty loads the weights shipped with fgrpo.")
+    dtype: str = knob("float32", "Dtype of the denoiser's weights and activations (the SDE math is always fp32).",
+                      choices=("float32", "bfloat16", "float16"))
+    # Architecture of a freshly built embedded model (used by `fgrpo pretrain` only).
+    image_size: int = knob(32, "Image side in pixels (the embedded model works in pixel space).", ge=8)
+    patch_size: int = knob(4, "Transformer patch size; tokens per image = (image_size / patch_size)^2.", ge=1)
+    num_layers: int = knob(4, "Joint-attention transformer blocks.", ge=1)
+    num_heads: int = knob(4, "Attention heads per block.", ge=1)
+    head_dim: int = knob(32, "Width of one attention head.", ge=8)
+    text_dim: int = knob(64, "Width of the text encoder.", ge=8)
+    text_layers: int = knob(2, "Text encoder layers.", ge=1)
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = knob(10, "Denoising steps of a training rollout (the paper's 'denoising reduction': 10 for SD3.5).", ge=2)
+    guidance_scale: float = knob(4.5, "CFG in rollouts and, identically, in the training forward (SD3.5: 4.5). "
+                                 "1 is the cheaper no-CFG recipe (pair it with kind='cps', beta 0).", ge=1.0)
+    shift: float = knob(3.0, "Time shift of the flow-matching sigma grid (SD3: 3).", gt=0.0)
+    kind: str = knob("sde", "Stochastic sampler: 'sde' (Flow-GRPO) or 'cps' (coefficients-preserving).", choices=("sde", "cps"))
+    noise_level: float = knob(0.7, "Noise level a of the SDE (SD3.5: 0.7; 0 is the deterministic ODE).", ge=0.0, le=1.0)
+    group_size: int = knob(8, "Images per prompt (G). Advantages are relative within a group (paper: 24).", ge=1)
+    groups_per_epoch: int = knob(8, "Distinct prompts sampled per epoch (paper: 48).", ge=1)
+    batch_size: int = knob(32, "Images per model forward in rollouts; training uses the same size on purpose.", ge=1)
+    sde_window: int = knob(0, "If > 0, only this many consecutive steps are stochastic and trained; the rest run the ODE.", ge=0)
+    window_range: list = knob([0, 5], "Steps [first, last) from which the SDE window's start is drawn each epoch.")
+    seed: int = knob(0, "Seed for prompt choice and noise; a run is reproducible for a given seed.", ge=0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = knob(60, "Sampling epochs (each: rollouts, rewards, then policy updates).", ge=0)
+    inner_epochs: int = knob(1, "Passes over each epoch's rollouts.", ge=1)
+    lr: float = knob(3e-4, "AdamW learning rate (paper: 3e-4 with LoRA).", gt=0.0)
+    weight_decay: float = knob(1e-4, "AdamW weight decay.", ge=0.0)
+    max_grad_norm: float = knob(1.0, "Gradient clipping norm (0 disables).", ge=0.0)
+    grad_accum: int = knob(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    beta: float = knob(0.04, "KL weight to the reference policy (GenEval/OCR: 0.04, PickScore: 0.01).", ge=0.0)
+    clip_range: float = knob(1e-4, "PPO clip range of the importance ratio; must match the log-prob reduction.", gt=0.0)
+    logprob_reduce: str = knob("mean", "Reduction of per-element log-probs: 'mean' (reference code) or 'sum'.", choices=("mean", "sum"))
+    adv_clip: float = knob(5.0, "Advantages are clipped to [-adv_clip, adv_clip].", gt=0.0)
+    global_std: bool = knob(False, "Normalise advantages by the whole batch's std instead of each group's.")
+    timestep_fraction: float = knob(0.99, "Fraction of steps trained; the last, near-deterministic step is dropped.", gt=0.0, le=1.0)
+    lora_rank: int = knob(0, "LoRA rank (0 = full fine-tuning with a frozen reference copy). Paper: 32.", ge=0)
+    lora_alpha: float = knob(64.0, "LoRA alpha (paper: 64).", gt=0.0)
+    ema_decay: float = knob(0.9, "EMA decay of trained weights, used for evaluation and checkpoints (0 disables).", ge=0.0, lt=1.0)
+    ema_every: int = knob(1, "Optimizer steps between EMA updates.", ge=1)
+    ratio_tol: float = knob(1e-3, "On-policy check: at the first inner step |ratio - 1| must stay below this.", gt=0.0)
+
+
+@dataclass
+class RewardConfig:
+    name: str = knob("shapes", "Reward: 'shapes' (GenEval-style partial credit), 'shapes_strict', or 'brightness' (test reward).",
+                     choices=("shapes", "shapes_strict", "brightness"))
+    prompts: str = knob("train", "Prompt set rollouts draw from: 'train', 'test', or a path to a text file (one prompt per line).")
+
+
+@dataclass
+class EvalConfig:
+    num_steps: int = knob(40, "ODE steps for evaluation (the model's usual count; SD3.5: 40).", ge=1)
+    guidance_scale: float = knob(4.5, "Classifier-free guidance for evaluation.", ge=1.0)
+    images_per_prompt: int = knob(4, "Images per held-out prompt.", ge=1)
+    batch_size: int = knob(128, "Images per forward in evaluation.", ge=1)
+    every: int = knob(10, "Evaluate every this many epochs during training (0: only before and after).", ge=0)
+    prompts: str = knob("test", "Prompt set: 'test', 'train', or a path to a text file.")
+    seed: int = knob(1234, "Seed of the evaluation noise (fixed so evaluations compare).", ge=0)
+    grid_size: int = knob(24, "Samples in the saved PNG grid.", ge=0)
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = knob(3000, "Optimizer steps of flow-matching pretraining.", ge=1)
+    batch_size: int = knob(64, "Rendered scenes per step.", ge=1)
+    lr: float = knob(1e-3, "AdamW peak learning rate (cosine decay after warmup).", gt=0.0)
+    warmup: int = knob(100, "Linear warmup steps.", ge=0)
+    cfg_dropout: float = knob(0.1, "Probability a caption is replaced by the empty prompt (enables CFG).", ge=0.0, le=1.0)
+    ema_decay: float = knob(0.999, "EMA decay of the saved weights.", ge=0.0, lt=1.0)
+    seed: int = knob(0, "Seed for initialisation, scenes and noise.", ge=0)
+    out: str = knob("fgrpo/weights/embedded", "Where the trained weights are written.")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = knob("runs/latest", "Directory for metrics, samples, checkpoints and the resolved config.")
+    threads: int = knob(0, "torch CPU threads (0: torch's default).", ge=0)
+    device: str = knob("auto", "'auto' (CUDA if available), 'cpu' or 'cuda'.", choices=("auto", "cpu", "cuda"))
+    checkpoint_every: int = knob(10, "Epochs between checkpoints (0: only at the end).", ge=0)
+    progress: bool = knob(True, "Show progress bars.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list}
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _check_value(where: str, f: dataclasses.Field, value: Any) -> Any:
+    ftype = _TYPES[f.type]  # annotations are strings under `from __future__ import annotations`
+    if ftype is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    elif ftype is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    elif ftype is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        value = float(value)
+    elif ftype is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+    elif ftype is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+    m = f.metadata
+    if m.get("choices") is not None and value not in m["choices"]:
+        allowed = ", ".join(repr(c) for c in m["choices"])
+        raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {allowed}")
+    for op, test, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                           ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+        bound = m.get(op)
+        if bound is not None and not test(value, bound):
+            raise ConfigError(f"{where}: {value!r} is out of range; must be {word} {bound}")
+    return value
+
+
+def _build_section(name: str, values: dict, source: str):
+    cls = SECTIONS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            allowed = ", ".join(fields)
+            raise ConfigError(f"{source}: unknown key '{name}.{key}'; allowed keys in [{name}]: {allowed}")
+        kwargs[key] = _check_value(f"{source}: {name}.{key}", fields[key], value)
+    return cls(**kwargs)
+
+
+def _semantic_checks(cfg: Config, source: str) -> None:
+    s, t = cfg.sample, cfg.train
+    if s.sde_window and s.sde_window > s.num_steps - 1:
+        raise ConfigError(f"{source}: sample.sde_window={s.sde_window} must be below sample.num_steps={s.num_steps}")
+    wr = s.window_range
+    if len(wr) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in wr) or not 0 <= wr[0] < wr[1]:
+        raise ConfigError(f"{source}: sample.window_range must be two integers [first, last) with 0 <= first < last, got {wr!r}")
+    if s.sde_window and wr[1] + s.sde_window - 1 > s.num_steps:
+        raise ConfigError(f"{source}: sample.window_range {wr} + sde_window {s.sde_window} runs past sample.num_steps={s.num_steps}")
+    total = s.group_size * s.groups_per_epoch
+    if total % s.batch_size:
+        raise ConfigError(
+            f"{source}: sample.group_size * sample.groups_per_epoch = {total} must be a multiple of sample.batch_size={s.batch_size}")
+    if (total // s.batch_size) % t.grad_accum:
+        raise ConfigError(f"{source}: the {total // s.batch_size} batches per epoch must be a multiple of train.grad_accum={t.grad_accum}")
+
+
+def from_dict(data: dict, source: str = "<dict>") -> Config:
+    sections = {}
+    for name, values in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}]; allowed sections: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: '{name}' must be a [{name}] table, got {values!r}")
+        sections[name] = _build_section(name, values, source)
+    cfg = Config(**sections)
+    _semantic_checks(cfg, source)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parse 'section.key=value'; the value is read as a TOML value, else kept as a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.lr=1e-4")
+    lhs, raw = text.split("=", 1)
+    section, key = lhs.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Load a TOML config, apply `section.key=value` overrides, validate."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found; pass a path such as configs/geneval.toml")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML ({e})") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"--set {text!r}: '{section}' is not a section")
+        data[section][key] = value
+    return from_dict(data, source + (" (with --set)" if overrides else ""))
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    lines = ["# Resolved fgrpo config: every setting this run used, defaults included."]
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        lines.append(f"\n[{section.name}]")
+        for f in dataclasses.fields(obj):
+            lines.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}  # {f.metadata['doc']}")
+    return "\n".join(lines) + "\n"
+
+
+def save(cfg: Config, directory: str | os.PathLike) -> Path:
+    """Write the resolved config as `config.toml` in `directory` (atomically)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "config.toml"
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(to_toml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,66 @@
+"""Rewards, and the signals logged beside them to catch reward hacking.
+
+A reward is a function (prompts, images uint8 (N, H, W, 3)) -> dict with "reward"
+(float, N) and optionally "strict" (bool, N). Diversity within groups and cheap
+image-quality proxies are logged next to the reward: a reward that rises while
+diversity collapses or high-frequency energy climbs is being gamed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from fgrpo.tasks import shapes
+
+RewardFn = Callable[[list[str], np.ndarray], dict]
+
+
+def shapes_reward(prompts: list[str], images: np.ndarray) -> dict:
+    """GenEval-style continuous partial credit (training signal), with the strict result."""
+    s = shapes.score_images(prompts, images)
+    return {"reward": s["reward"].astype(np.float32), "strict": s["strict"]}
+
+
+def shapes_strict_reward(prompts: list[str], images: np.ndarray) -> dict:
+    s = shapes.score_images(prompts, images)
+    return {"reward": s["strict"].astype(np.float32), "strict": s["strict"]}
+
+
+def brightness_reward(prompts: list[str], images: np.ndarray) -> dict:
+    """Mean brightness in [0, 1]: a trivially learnable reward for tests and smoke runs."""
+    return {"reward": images.reshape(len(images), -1).mean(axis=1).astype(np.float32) / 255.0}
+
+
+REWARDS: dict[str, RewardFn] = {
+    "shapes": shapes_reward,
+    "shapes_strict": shapes_strict_reward,
+    "brightness": brightness_reward,
+}
+
+
+def get_reward(name: str) -> RewardFn:
+    if name not in REWARDS:
+        raise KeyError(f"unknown reward {name!r}; known: {', '.join(REWARDS)}")
+    return REWARDS[name]
+
+
+def group_diversity(images: np.ndarray, group_size: int) -> float:
+    """Mean pairwise RMS distance (pixels in [0, 1]) between images of the same group."""
+    n = len(images) // group_size * group_size
+    if group_size < 2 or n == 0:
+        return 0.0
+    x = images[:n].reshape(n // group_size, group_size, -1).astype(np.float32) / 255.0
+    d2 = ((x[:, :, None, :] - x[:, None, :, :]) ** 2).mean(-1)  # (groups, G, G)
+    iu = np.triu_indices(group_size, 1)
+    return float(np.sqrt(d2[:, iu[0], iu[1]]).mean())
+
+
+def quality_proxies(images: np.ndarray) -> dict:
+    """Cheap image statistics: high-frequency energy (noise, grid artefacts) and foreground fraction."""
+    x = images.astype(np.float32) / 255.0
+    pad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    h, w = x.shape[1:3]
+    blur = sum(pad[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+    return {"hf_energy": float(np.abs(x - blur).mean()), "fg_fraction": float((images.max(-1) > 90).mean())}

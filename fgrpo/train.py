@@ -1,0 +1,392 @@
+"""The Flow-GRPO training loop: `fgrpo train CONFIG [--resume DIR]`.
+
+Reads top to bottom: setup, then per epoch rollouts -> rewards -> advantages ->
+clipped policy-gradient updates with a KL to the reference policy, then metrics,
+evaluation and checkpoints. All randomness of an epoch derives from (seed, epoch),
+so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fgrpo import config as C
+from fgrpo.evaluate import evaluate, format_table, resolve_prompts, write_metrics
+from fgrpo.grpo import RewardError, clipped_policy_loss, group_advantages, zero_variance_fraction
+from fgrpo.models import load_model
+from fgrpo.models.base import FlowModel, PromptEmbeds
+from fgrpo.rewards import get_reward, group_diversity, quality_proxies
+from fgrpo.rollout import rollout
+from fgrpo.sampling import flow_sigmas, guided_velocity, unconditional
+from fgrpo.sde import kl_to_reference, sde_step
+from fgrpo.tasks import shapes
+
+
+class PolicyMismatchError(C.UserError):
+    """Sampling and training disagree: the importance ratio is not 1 before the first update."""
+
+
+# ---------------------------------------------------------------------------- policy and reference
+
+
+class Policy:
+    """The trained denoiser, its reference policy (for the KL) and its EMA weights.
+
+    With LoRA the reference is the same network with the adapter disabled; with full
+    fine-tuning it is a frozen copy made before training.
+    """
+
+    def __init__(self, model: FlowModel, tc: C.TrainConfig):
+        self.model = model
+        self.lora = tc.lora_rank > 0
+        if self.lora:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+            model.denoiser.requires_grad_(False)
+            inject_adapter_in_model(LoraConfig(r=tc.lora_rank, lora_alpha=tc.lora_alpha, target_modules=targets,
+                                               init_lora_weights="gaussian"), model.denoiser)
+            for name, p in model.denoiser.named_parameters():
+                if "lora_B" in name:  # gaussian init puts noise in A and zeros in B: starts as the base model
+                    torch.nn.init.zeros_(p)
+            self.ref = None
+        else:
+            self.ref = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
+        self.params = {n: p for n, p in model.denoiser.named_parameters() if p.requires_grad or not self.lora}
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.ema = {n: p.detach().clone() for n, p in self.params.items()} if tc.ema_decay > 0 else None
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        if self.ema is not None:
+            for n, p in self.params.items():
+                self.ema[n].lerp_(p.detach(), 1 - decay)
+
+    def reference_velocity(self, x, sigma, cond, uncond, guidance):
+        with torch.no_grad():
+            if self.lora:
+                _set_adapters(self.model.denoiser, False)
+                try:
+                    return guided_velocity(self.model, x, sigma, cond, uncond, guidance)
+                finally:
+                    _set_adapters(self.model.denoiser, True)
+            live = self.model.denoiser
+            self.model.denoiser = self.ref
+            try:
+                return guided_velocity(self.model, x, sigma, cond, uncond, guidance)
+            finally:
+                self.model.denoiser = live
+
+    def swap_ema(self) -> None:
+        """Exchange live and EMA weights (call twice to restore)."""
+        if self.ema is None:
+            return
+        with torch.no_grad():
+            for n, p in self.params.items():
+                tmp = p.detach().clone()
+                p.copy_(self.ema[n])
+                self.ema[n].copy_(tmp)
+
+    def state_dict(self) -> dict:
+        return {"params": {n: p.detach().clone() for n, p in self.params.items()}, "ema": self.ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state["params"][n])
+            if self.ema is not None:
+                for n in self.ema:
+                    self.ema[n].copy_(state["ema"][n])
+
+
+def _set_adapters(module: torch.nn.Module, enabled: bool) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    for m in module.modules():
+        if isinstance(m, LoraLayer):
+            m.enable_adapters(enabled)
+
+
+# ---------------------------------------------------------------------------- epoch pieces
+
+
+def choose_prompts(pool: list[str], k: int, rng: random.Random) -> list[str]:
+    """k prompts with task types drawn uniformly (shapes prompts), else uniformly from the pool."""
+    by_task: dict[str, list[str]] = {}
+    for p in pool:
+        try:
+            by_task.setdefault(shapes.parse_prompt(p).task, []).append(p)
+        except ValueError:
+            by_task.setdefault("other", []).append(p)
+    tasks = sorted(by_task)
+    return [rng.choice(by_task[rng.choice(tasks)]) for _ in range(k)]
+
+
+def trained_steps(sc: C.SampleConfig, tc: C.TrainConfig, rng: random.Random) -> list[int]:
+    if sc.sde_window:
+        start = rng.randrange(*sc.window_range)
+        return list(range(start, start + sc.sde_window))
+    return list(range(max(1, int(sc.num_steps * tc.timestep_fraction))))
+
+
+def train_on_batch(policy: Policy, traj, sl: slice, steps: list[int], adv: torch.Tensor, cond: PromptEmbeds,
+                   uncond: PromptEmbeds | None, cfg: C.Config, scale: float) -> dict:
+    """Accumulate gradients of the GRPO loss over every trained step of one batch."""
+    sc, tc = cfg.sample, cfg.train
+    model = policy.model
+    # The training forward repeats the sampling forward exactly (same batch size, same CFG batching).
+    guidance = sc.guidance_scale
+    u = uncond.index(slice(0, sl.stop - sl.start)) if uncond is not None else None
+    c = cond.index(sl)
+    stats = {"ratio": [], "clipped": [], "kl": [], "loss": []}
+    for j in steps:
+        x, x_next = traj.states[sl, j], traj.states[sl, j + 1]
+        s, s_next = traj.sigmas[j], traj.sigmas[j + 1]
+        v = guided_velocity(model, x, s, c, u, guidance)
+        step = sde_step(x, v, s, s_next, noise_level=sc.noise_level, kind=sc.kind, next_sample=x_next,
+                        reduce=tc.logprob_reduce)
+        pg, ratio = clipped_policy_loss(step.log_prob, traj.log_probs[sl, j], adv[sl], tc.clip_range)
+        loss = pg
+        if tc.beta > 0:
+            v_ref = policy.reference_velocity(x, s, c, u, guidance)
+            mean_ref = sde_step(x, v_ref, s, s_next, noise_level=sc.noise_level, kind=sc.kind,
+                                next_sample=x_next, reduce=tc.logprob_reduce).mean
+            kl = kl_to_reference(step.mean, mean_ref, step.std).mean()
+            loss = loss + tc.beta * kl
+            stats["kl"].append(kl.detach())
+        (loss * scale).backward()
+        r = ratio.detach()
+        stats["ratio"].append(r)
+        stats["clipped"].append(((r - 1).abs() > tc.clip_range).float())
+        stats["loss"].append(loss.detach())
+    return stats
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def export_weights(policy: Policy, out: Path) -> None:
+    """Save the EMA weights as a plain loadable model (`--set model.path=OUT`), LoRA merged in."""
+    from peft.tuners.lora import LoraLayer
+
+    policy.swap_ema()
+    try:
+        model = copy.deepcopy(policy.model)
+    finally:
+        policy.swap_ema()
+    if policy.lora:
+        for name, m in list(model.denoiser.named_modules()):
+            if isinstance(m, LoraLayer):
+                m.merge()
+                parent = model.denoiser.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model.denoiser
+                setattr(parent, name.rsplit(".", 1)[-1], m.base_layer)
+    model.save_pretrained(out)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None) -> dict:
+    sc, tc, rc = cfg.sample, cfg.train, cfg.run
+    progress = rc.progress if progress is None else progress
+    out = Path(resume) if resume else Path(rc.output_dir)
+    ckpt_path = out / "checkpoint.pt"
+    if resume and not ckpt_path.is_file():
+        raise C.UserError(f"--resume {resume}: no checkpoint.pt there; pass the output_dir of an earlier run")
+    if resume:
+        cfg = C.load(out / "config.toml") if (out / "config.toml").is_file() else cfg
+        sc, tc, rc = cfg.sample, cfg.train, cfg.run
+    out.mkdir(parents=True, exist_ok=True)
+    C.save(cfg, out)
+    device = torch.device("cuda" if rc.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+    # ---- model, reference, optimizer
+    torch.manual_seed(sc.seed)
+    model = load_model(cfg.model, device)
+    model.eval()
+    policy = Policy(model, tc)
+    opt = torch.optim.AdamW(list(policy.params.values()), lr=tc.lr, weight_decay=tc.weight_decay)
+    reward_fn = get_reward(cfg.reward.name)
+    pool = resolve_prompts(cfg.reward.prompts)
+    sigmas = flow_sigmas(sc.num_steps, sc.shift).to(device)
+    n_images = sc.group_size * sc.groups_per_epoch
+    n_batches = n_images // sc.batch_size
+    uncond = unconditional(model, sc.batch_size) if sc.guidance_scale != 1.0 else None
+
+    history: list[dict] = []
+    evals: list[dict] = []
+    start_epoch, opt_steps, wall = 0, 0, 0.0
+    if resume:
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        policy.load_state_dict(state["policy"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, opt_steps, wall = state["epoch"], state["opt_steps"], state["wall"]
+        history, evals = state["history"], state["evals"]
+        print(f"resuming {out} at epoch {start_epoch}")
+
+    def run_eval(epoch: int, tag: str) -> dict:
+        policy.swap_ema()
+        try:
+            m = evaluate(model, cfg.eval, sc.shift, out_dir=out, progress=progress, tag=tag)
+        finally:
+            policy.swap_ema()
+        m.update(epoch=epoch, wall=wall)
+        evals.append(m)
+        print(format_table(m, f"[{tag}] epoch {epoch}: held-out strict accuracy (EMA weights, {m['seconds']:.0f}s)"))
+        return m
+
+    metrics_file = out / "metrics.jsonl"
+    writer = _tensorboard(out)
+    if not evals:
+        run_eval(0, "eval_before")
+
+    # ---- epochs
+    for epoch in range(start_epoch, tc.epochs):
+        t_epoch = time.time()
+        rng = random.Random(sc.seed * 100_003 + epoch)
+        prompts_g = choose_prompts(pool, sc.groups_per_epoch, rng)
+        prompts = [p for p in prompts_g for _ in range(sc.group_size)]
+        group_ids = torch.arange(sc.groups_per_epoch).repeat_interleave(sc.group_size)
+        steps = trained_steps(sc, tc, rng)
+        sde_steps = steps if sc.sde_window else list(range(sc.num_steps))
+
+        # rollouts
+        t0 = time.time()
+        cond = model.encode_unique(prompts)
+        bar = tqdm(total=n_batches * sc.num_steps, desc=f"epoch {epoch} rollout", disable=not progress, leave=False)
+        traj = rollout(model, cond, uncond, sigmas, sde_steps, guidance_scale=sc.guidance_scale,
+                       noise_level=sc.noise_level, kind=sc.kind, reduce=tc.logprob_reduce,
+                       batch_size=sc.batch_size, seed=sc.seed, noise_seed_offset=epoch * n_images, progress=bar)
+        bar.close()
+        t_rollout = time.time() - t0
+
+        # rewards
+        t0 = time.time()
+        images = model.decode(traj.states[:, -1]).cpu()
+        images_u8 = shapes.images_to_uint8(images)
+        rew = reward_fn(prompts, images_u8)
+        rewards = torch.as_tensor(rew["reward"], dtype=torch.float32)
+        if rewards.shape != (n_images,):
+            raise RewardError(f"reward '{cfg.reward.name}' returned shape {tuple(rewards.shape)}, expected ({n_images},)")
+        adv = group_advantages(rewards, group_ids, global_std=tc.global_std, clip=tc.adv_clip).to(device)
+        t_reward = time.time() - t0
+
+        # policy updates
+        t0 = time.time()
+        policy.model.denoiser.train()
+        stats = {"ratio": [], "clipped": [], "kl": [], "loss": []}
+        order = list(range(n_batches))
+        for inner in range(tc.inner_epochs):
+            rng.shuffle(order)
+            bar = tqdm(total=n_batches, desc=f"epoch {epoch} train", disable=not progress, leave=False)
+            for k, b in enumerate(order):
+                sl = slice(b * sc.batch_size, (b + 1) * sc.batch_size)
+                s = train_on_batch(policy, traj, sl, steps, adv, cond, uncond, cfg, 1.0 / (len(steps) * tc.grad_accum))
+                if inner == 0 and k == 0:
+                    check_on_policy(torch.cat(s["ratio"]), tc.ratio_tol, epoch)
+                for key in stats:
+                    stats[key] += s[key]
+                if (k + 1) % tc.grad_accum == 0:
+                    if tc.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(list(policy.params.values()), tc.max_grad_norm)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    opt_steps += 1
+                    if opt_steps % tc.ema_every == 0:
+                        policy.update_ema(tc.ema_decay)
+                bar.update(1)
+            bar.close()
+        policy.model.denoiser.eval()
+        t_train = time.time() - t0
+        wall += time.time() - t_epoch
+
+        # metrics
+        ratio = torch.cat(stats["ratio"])
+        row = {
+            "epoch": epoch + 1, "opt_steps": opt_steps, "wall": round(wall, 2),
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(correction=0)),
+            "strict_accuracy": float(np.mean(rew["strict"])) if "strict" in rew else None,
+            "kl": float(torch.stack(stats["kl"]).mean()) if stats["kl"] else 0.0,
+            "loss": float(torch.stack(stats["loss"]).mean()),
+            "clip_fraction": float(torch.cat(stats["clipped"]).mean()),
+            "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
+            "zero_var_groups": zero_variance_fraction(rewards, group_ids),
+            "diversity": group_diversity(images_u8, sc.group_size),
+            **quality_proxies(images_u8),
+            "t_rollout": round(t_rollout, 2), "t_reward": round(t_reward, 2), "t_train": round(t_train, 2),
+            "images_per_s": round(n_images / max(1e-9, t_rollout), 1),
+            "trained_steps": steps,
+        }
+        history.append(row)
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if writer is not None:
+            for k_, v_ in row.items():
+                if isinstance(v_, (int, float)):
+                    writer.add_scalar(f"train/{k_}", v_, epoch + 1)
+        print(f"epoch {epoch + 1}/{tc.epochs} reward {row['reward_mean']:.3f}±{row['reward_std']:.3f} "
+              f"strict {row['strict_accuracy'] if row['strict_accuracy'] is None else round(row['strict_accuracy'], 3)} kl {row['kl']:.2e} clip {row['clip_fraction']:.2f} "
+              f"ratio [{row['ratio_min']:.4f},{row['ratio_max']:.4f}] zero-var {row['zero_var_groups']:.2f} "
+              f"div {row['diversity']:.3f} | rollout {t_rollout:.1f}s reward {t_reward:.1f}s train {t_train:.1f}s",
+              flush=True)
+
+        done = epoch + 1
+        if cfg.eval.every and done % cfg.eval.every == 0 and done != tc.epochs:
+            m = run_eval(done, f"eval_epoch{done:04d}")
+            if writer is not None:
+                writer.add_scalar("eval/strict_accuracy", m["strict_accuracy"], done)
+        if done == tc.epochs or (rc.checkpoint_every and done % rc.checkpoint_every == 0):
+            save_checkpoint(ckpt_path, {"policy": policy.state_dict(), "optimizer": opt.state_dict(), "epoch": done,
+                                        "opt_steps": opt_steps, "wall": wall, "history": history, "evals": evals,
+                                        "config": C.to_dict(cfg)})
+
+    # ---- final evaluation and summary
+    after = evals[-1] if evals and evals[-1]["epoch"] == tc.epochs and evals[-1] is not evals[0] else \
+        run_eval(tc.epochs, "eval_after")
+    summary = {"before": evals[0], "after": after, "evals": evals, "train_wall_seconds": wall,
+               "epochs": tc.epochs, "time_split": {k: sum(r[k] for r in history) for k in
+                                                   ("t_rollout", "t_reward", "t_train")}}
+    write_metrics(summary, out / "metrics.json")
+    export_weights(policy, out / "model")
+    if writer is not None:
+        writer.close()
+    print(f"strict accuracy {evals[0]['strict_accuracy']:.3f} -> {after['strict_accuracy']:.3f} "
+          f"in {wall:.0f}s of training; outputs in {out}")
+    return summary
+
+
+def check_on_policy(ratio: torch.Tensor, tol: float, epoch: int) -> None:
+    """Before the first update of an epoch the policy *is* the sampling policy: ratio must be 1."""
+    dev = float((ratio - 1).abs().max())
+    if not math.isfinite(dev) or dev > tol:
+        raise PolicyMismatchError(
+            f"epoch {epoch}: importance ratio deviates from 1 by {dev:.3g} (> train.ratio_tol={tol:g}) before the "
+            "first update, so training does not recompute the sampling policy's log-probs; check that sampling and "
+            "training use the same batch size, dtype, guidance and SDE settings")
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
