@@ -213,7 +213,8 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     if resume and not ckpt_path.is_file():
         raise C.UserError(f"--resume {resume}: no checkpoint.pt there; pass the output_dir of an earlier run")
     if resume:
-        cfg = C.load(out / "config.toml") if (out / "config.toml").is_file() else cfg
+        # The given config governs the continued run (e.g. more epochs); it writes where the run lives.
+        cfg = C.from_dict({**C.to_dict(cfg), "run": {**C.to_dict(cfg)["run"], "output_dir": str(out)}})
         sc, tc, rc = cfg.sample, cfg.train, cfg.run
     out.mkdir(parents=True, exist_ok=True)
     C.save(cfg, out)
@@ -241,6 +242,8 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         opt.load_state_dict(state["optimizer"])
         start_epoch, opt_steps, wall = state["epoch"], state["opt_steps"], state["wall"]
         history, evals = state["history"], state["evals"]
+        # Rows written after the checkpoint belong to epochs that will be run again.
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         print(f"resuming {out} at epoch {start_epoch}")
 
     def run_eval(epoch: int, tag: str) -> dict:

@@ -1,0 +1,120 @@
+"""The trainer as users rely on it: on-policy ratio of 1, a KL of 0 before updates, a reward that
+rises, a resume that continues identically, and clear errors for bad rewards."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fgrpo import config as C
+from fgrpo import rewards
+from fgrpo.grpo import RewardError
+from fgrpo.models import load_model
+from fgrpo.rollout import rollout
+from fgrpo.sampling import flow_sigmas, unconditional
+from fgrpo.train import Policy, PolicyMismatchError, check_on_policy, train, train_on_batch
+
+PROMPTS = ["a red circle", "two squares", "a cross left of a circle", "a blue triangle and a white square"]
+
+
+def tiny_cfg(tmp_path, model_dir, **overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(PROMPTS) + "\n")
+    sets = [f'model.path="{model_dir}"', "sample.num_steps=4", "sample.group_size=4", "sample.groups_per_epoch=2",
+            "sample.batch_size=4", "train.epochs=4", "train.lr=3e-3", "train.clip_range=0.2",
+            "train.logprob_reduce=\"sum\"", "eval.num_steps=3", "eval.images_per_prompt=1", "eval.every=0",
+            f'eval.prompts="{prompt_file}"', f'reward.prompts="{prompt_file}"', "eval.grid_size=4",
+            f'run.output_dir="{tmp_path / "run"}"', "run.progress=false", "run.checkpoint_every=1"]
+    sets += [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
+    return C.load(None, sets)
+
+
+def one_rollout(cfg):
+    model = load_model(cfg.model)
+    policy = Policy(model, cfg.train)
+    sc = cfg.sample
+    sigmas = flow_sigmas(sc.num_steps, sc.shift)
+    cond = model.encode_unique(PROMPTS)
+    uncond = unconditional(model, sc.batch_size)
+    traj = rollout(model, cond, uncond, sigmas, list(range(sc.num_steps)), guidance_scale=sc.guidance_scale,
+                   noise_level=sc.noise_level, kind=sc.kind, reduce=cfg.train.logprob_reduce,
+                   batch_size=sc.batch_size, seed=0)
+    return policy, traj, cond, uncond
+
+
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+@pytest.mark.parametrize("lora", [0, 4])
+def test_ratio_is_one_and_kl_zero_before_first_update(tmp_path, tiny_model_dir, kind, lora):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, sample__kind=f'"{kind}"', train__lora_rank=lora, train__beta=0.1,
+                   train__logprob_reduce='"mean"')
+    policy, traj, cond, uncond = one_rollout(cfg)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    s = train_on_batch(policy, traj, slice(0, 4), [0, 1, 2], adv, cond, uncond, cfg, 1.0)
+    ratio = torch.cat(s["ratio"])
+    assert (ratio - 1).abs().max() < 1e-5
+    assert max(float(k) for k in s["kl"]) < 1e-10
+    check_on_policy(ratio, cfg.train.ratio_tol, 0)  # does not raise
+    grads = [p.grad for p in policy.params.values() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_ratio_check_fires_on_a_mismatched_policy(tmp_path, tiny_model_dir):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, train__logprob_reduce='"mean"')
+    policy, traj, cond, uncond = one_rollout(cfg)
+    with torch.no_grad():  # training now sees a different network than sampling did
+        for p in policy.params.values():
+            p.add_(torch.randn_like(p) * 0.05)
+    s = train_on_batch(policy, traj, slice(0, 4), [0, 1, 2], torch.ones(4), cond, uncond, cfg, 1.0)
+    with pytest.raises(PolicyMismatchError, match="importance ratio deviates from 1"):
+        check_on_policy(torch.cat(s["ratio"]), cfg.train.ratio_tol, 0)
+
+
+def test_training_raises_an_easy_reward(tmp_path, tiny_model_dir):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, reward__name='"brightness"', train__epochs=12, train__beta=0.0,
+                   sample__guidance_scale=1.0, train__ema_decay=0.0)
+    summary = train(cfg)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = np.mean([r["reward_mean"] for r in rows[:3]]), np.mean([r["reward_mean"] for r in rows[-3:]])
+    assert last > first + 0.02, (first, last)
+    assert summary["before"]["strict_accuracy"] is not None
+    out = tmp_path / "run"
+    for name in ("config.toml", "metrics.json", "checkpoint.pt", "eval_before_grid.png"):
+        assert (out / name).is_file(), name
+    assert (out / "model" / "fgrpo_model.json").is_file()
+
+
+def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    full = tiny_cfg(tmp_path / "a", tiny_model_dir, reward__name='"brightness"', train__epochs=4)
+    train(full)
+    rows_full = [json.loads(l) for l in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    part = tiny_cfg(tmp_path / "b", tiny_model_dir, reward__name='"brightness"', train__epochs=2)
+    train(part)
+    # Resume with a longer schedule (the saved config is reused, with epochs raised by --set).
+    resumed = C.load(tmp_path / "b" / "run" / "config.toml", ["train.epochs=4"])
+    train(resumed, resume=str(tmp_path / "b" / "run"))
+    rows_res = [json.loads(l) for l in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows_res) == 4
+    for a, b in zip(rows_full, rows_res):
+        for key in ("reward_mean", "reward_std", "kl", "ratio_mean", "loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (key, a["epoch"])
+
+
+def test_nan_reward_stops_with_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
+    def nan_reward(prompts, images):
+        r = np.full(len(prompts), 0.5, np.float32)
+        r[1] = np.nan
+        return {"reward": r}
+
+    monkeypatch.setitem(rewards.REWARDS, "brightness", nan_reward)
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, reward__name='"brightness"', train__epochs=1)
+    with pytest.raises(RewardError, match="non-finite values at samples \\[1\\]"):
+        train(cfg)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir)
+    with pytest.raises(C.UserError, match="no checkpoint.pt there"):
+        train(cfg, resume=str(tmp_path / "nowhere"))
