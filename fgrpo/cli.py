@@ -45,12 +45,13 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from fgrpo.evaluate import evaluate, format_table, write_metrics
+    from fgrpo.evaluate import evaluate, format_table, resolve_prompts, write_metrics
     from fgrpo.models import load_model
 
     cfg = C.load(args.config, args.overrides)
     device = _setup(cfg)
     out = Path(args.out or Path(cfg.run.output_dir) / "eval")
+    resolve_prompts(cfg.eval.prompts)  # a bad prompt file fails before the model loads
     model = load_model(cfg.model, device).eval()
     C.save(cfg, out)
     metrics = evaluate(model, cfg.eval, cfg.sample.shift, out_dir=out, progress=cfg.run.progress)

@@ -221,13 +221,14 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     device = torch.device("cuda" if rc.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
     # ---- model, reference, optimizer
+    pool = resolve_prompts(cfg.reward.prompts)
+    resolve_prompts(cfg.eval.prompts)  # bad prompt files fail before any work is done
     torch.manual_seed(sc.seed)
     model = load_model(cfg.model, device)
     model.eval()
     policy = Policy(model, tc)
     opt = torch.optim.AdamW(list(policy.params.values()), lr=tc.lr, weight_decay=tc.weight_decay)
     reward_fn = get_reward(cfg.reward.name)
-    pool = resolve_prompts(cfg.reward.prompts)
     sigmas = flow_sigmas(sc.num_steps, sc.shift).to(device)
     n_images = sc.group_size * sc.groups_per_epoch
     n_batches = n_images // sc.batch_size

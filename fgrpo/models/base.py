@@ -70,5 +70,6 @@ def load_model(model_cfg, device: torch.device | str = "cpu") -> FlowModel:
     else:  # the config validator only admits known kinds
         raise ValueError(f"model.kind={model_cfg.kind!r} is not supported")
     dtype = getattr(torch, model_cfg.dtype)
-    model.denoiser.to(dtype=dtype)
+    if model.denoiser.dtype != dtype:
+        model.denoiser.to(dtype=dtype)
     return model.to(device)

@@ -18,11 +18,17 @@ from pathlib import Path
 
 import torch
 from diffusers import SD3Transformer2DModel
+from diffusers.utils import logging as diffusers_logging
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel
+from transformers.utils import logging as transformers_logging
 
 from fgrpo.models.base import FlowModel, PromptEmbeds
 from fgrpo.tasks import shapes
+
+# Loading a 10 MB model needs no progress bars.
+diffusers_logging.disable_progress_bar()
+transformers_logging.disable_progress_bar()
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "embedded"
 MAX_TOKENS = 12

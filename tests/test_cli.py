@@ -1,0 +1,47 @@
+"""The command line as a user meets it: eval writes its table and files, sample writes PNGs,
+bad input exits with one clear line."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fgrpo.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_eval_writes_metrics_and_grid(tmp_path, tiny_model_dir, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a circle\nthree squares\na red cross\na circle above a square\n")
+    out = tmp_path / "eval"
+    rc = main(["eval", str(ROOT / "configs" / "geneval.toml"), "--out", str(out),
+               "--set", f'model.path="{tiny_model_dir}"', "--set", "eval.num_steps=3",
+               "--set", "eval.images_per_prompt=2", "--set", f'eval.prompts="{prompts}"', "--set", "run.progress=false"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["per_task"]) == {"single_object", "counting", "colors", "position"}
+    assert 0.0 <= metrics["strict_accuracy"] <= 1.0
+    assert metrics["num_images"] == 8
+    assert (out / "eval_grid.png").stat().st_size > 0 and (out / "config.toml").is_file()
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "counting" in printed
+
+
+def test_sample_writes_images(tmp_path, tiny_model_dir):
+    rc = main(["sample", "--prompt", "a blue square", "--num", "3", "--steps", "2", "--out", str(tmp_path),
+               "--set", f'model.path="{tiny_model_dir}"'])
+    assert rc == 0
+    assert len(list(tmp_path.glob("a_blue_square_*.png"))) == 3
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", "nope.toml"], "config file not found"),
+    (["eval", str(ROOT / "configs" / "geneval.toml"), "--set", "train.lr=-1"], "train.lr"),
+    (["eval", str(ROOT / "configs" / "geneval.toml"), "--set", 'model.path="/no/such/dir"'], "/no/such/dir"),
+    (["eval", str(ROOT / "configs" / "geneval.toml"), "--set", 'eval.prompts="/no/prompts.txt"'], "/no/prompts.txt"),
+])
+def test_user_errors_exit_2_with_one_line(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fgrpo: error:") and needle in err and "\n" not in err
