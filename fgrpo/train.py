@@ -25,6 +25,7 @@ from fgrpo.evaluate import evaluate, format_table, resolve_prompts, write_metric
 from fgrpo.grpo import RewardError, clipped_policy_loss, group_advantages, zero_variance_fraction
 from fgrpo.models import load_model
 from fgrpo.models.base import FlowModel, PromptEmbeds
+from fgrpo.plot import accuracy_plot
 from fgrpo.rewards import get_reward, group_diversity, quality_proxies
 from fgrpo.rollout import rollout
 from fgrpo.sampling import flow_sigmas, guided_velocity, unconditional
@@ -370,6 +371,7 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
                "epochs": tc.epochs, "time_split": {k: sum(r[k] for r in history) for k in
                                                    ("t_rollout", "t_reward", "t_train")}}
     write_metrics(summary, out / "metrics.json")
+    accuracy_plot(evals, out / "accuracy.png")
     export_weights(policy, out / "model")
     if writer is not None:
         writer.close()

@@ -80,7 +80,7 @@ def test_training_raises_an_easy_reward(tmp_path, tiny_model_dir):
     assert last > first + 0.02, (first, last)
     assert summary["before"]["strict_accuracy"] is not None
     out = tmp_path / "run"
-    for name in ("config.toml", "metrics.json", "checkpoint.pt", "eval_before_grid.png"):
+    for name in ("config.toml", "metrics.json", "checkpoint.pt", "eval_before_grid.png", "accuracy.png"):
         assert (out / name).is_file(), name
     assert (out / "model" / "fgrpo_model.json").is_file()
 
