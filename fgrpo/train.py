@@ -55,11 +55,9 @@ class Policy:
 
             targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
             model.denoiser.requires_grad_(False)
-            inject_adapter_in_model(LoraConfig(r=tc.lora_rank, lora_alpha=tc.lora_alpha, target_modules=targets,
-                                               init_lora_weights="gaussian"), model.denoiser)
-            for name, p in model.denoiser.named_parameters():
-                if "lora_B" in name:  # gaussian init puts noise in A and zeros in B: starts as the base model
-                    torch.nn.init.zeros_(p)
+            # peft initialises lora_B to zero: the adapted network starts as the base model.
+            inject_adapter_in_model(LoraConfig(r=tc.lora_rank, lora_alpha=tc.lora_alpha, target_modules=targets),
+                                    model.denoiser)
             self.ref = None
         else:
             self.ref = copy.deepcopy(model.denoiser).requires_grad_(False).eval()

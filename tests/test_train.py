@@ -118,3 +118,25 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
     cfg = tiny_cfg(tmp_path, tiny_model_dir)
     with pytest.raises(C.UserError, match="no checkpoint.pt there"):
         train(cfg, resume=str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_exported_model_reproduces_the_trained_policy(tmp_path, tiny_model_dir, lora):
+    from fgrpo.models.embedded import EmbeddedFlowModel
+    from fgrpo.train import export_weights
+
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, train__lora_rank=lora, train__ema_decay=0.0)
+    policy = Policy(load_model(cfg.model), cfg.train)
+    with torch.no_grad():
+        for p in policy.params.values():
+            p.add_(torch.randn_like(p) * 0.02)
+    export_weights(policy, tmp_path / "exported")
+    loaded = EmbeddedFlowModel.from_pretrained(tmp_path / "exported")
+    x = torch.randn(2, *loaded.state_shape)
+    sigma = torch.tensor([0.3, 0.8])
+    emb = loaded.encode_prompts(PROMPTS[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.velocity(x, sigma, emb), policy.model.velocity(x, sigma, emb),
+                                   rtol=1e-4, atol=1e-5)
+        base = load_model(cfg.model)
+        assert not torch.allclose(base.velocity(x, sigma, emb), loaded.velocity(x, sigma, emb), atol=1e-5)
