@@ -61,3 +61,14 @@ def test_seeded_sampling_is_reproducible_and_batch_size_independent(tiny_model_d
 def test_sigma_grid_endpoints():
     s = flow_sigmas(40, 3.0)
     assert s.shape == (41,) and s[0] == 1.0 and s[-1] == 0.0 and (s[1:] < s[:-1]).all()
+
+
+def test_shipped_weights_load_by_default_and_fit_the_budget():
+    from fgrpo.models.embedded import DEFAULT_WEIGHTS
+
+    size = sum(p.stat().st_size for p in DEFAULT_WEIGHTS.rglob("*") if p.is_file())
+    assert size <= 20 * 2**20
+    m = EmbeddedFlowModel.from_pretrained().eval()
+    assert m.state_shape == (3, 32, 32)
+    x = sample_ode(m, ["a red circle"], num_steps=2, guidance_scale=1.0, seed=0)
+    assert torch.isfinite(x).all()
