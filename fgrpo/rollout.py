@@ -14,7 +14,7 @@ import torch
 
 from fgrpo.models.base import FlowModel, PromptEmbeds
 from fgrpo.sampling import guided_velocity, image_seeds, initial_noise
-from fgrpo.sde import sde_step
+from fgrpo.kernels import sde_step
 
 
 @dataclass
@@ -28,7 +28,8 @@ class Trajectory:
 @torch.no_grad()
 def rollout(model: FlowModel, cond: PromptEmbeds, uncond: PromptEmbeds | None, sigmas: torch.Tensor,
             sde_steps: list[int], *, guidance_scale: float, noise_level: float, kind: str, reduce: str,
-            batch_size: int, seed: int, noise_seed_offset: int = 0, progress=None) -> Trajectory:
+            batch_size: int, seed: int, noise_seed_offset: int = 0, backend: str = "auto",
+            progress=None) -> Trajectory:
     """Sample len(cond) trajectories in batches of `batch_size`.
 
     Initial noise is per image (seed, index); SDE noise comes from one generator per
@@ -52,7 +53,7 @@ def rollout(model: FlowModel, cond: PromptEmbeds, uncond: PromptEmbeds | None, s
             v = guided_velocity(model, x, sigmas[i], c, u, guidance_scale)
             if i in sde_set:
                 step = sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level=noise_level, kind=kind,
-                                reduce=reduce, generator=gen)
+                                reduce=reduce, generator=gen, backend=backend)
                 x = step.next_sample
                 log_probs[sl, i] = step.log_prob
             else:

@@ -29,7 +29,8 @@ from fgrpo.plot import accuracy_plot
 from fgrpo.rewards import get_reward, group_diversity, quality_proxies
 from fgrpo.rollout import rollout
 from fgrpo.sampling import flow_sigmas, guided_velocity, unconditional
-from fgrpo.sde import kl_to_reference, sde_step
+from fgrpo.kernels import sde_step
+from fgrpo.sde import kl_to_reference
 from fgrpo.tasks import shapes
 
 
@@ -154,13 +155,13 @@ def train_on_batch(policy: Policy, traj, sl: slice, steps: list[int], adv: torch
         s, s_next = traj.sigmas[j], traj.sigmas[j + 1]
         v = guided_velocity(model, x, s, c, u, guidance)
         step = sde_step(x, v, s, s_next, noise_level=sc.noise_level, kind=sc.kind, next_sample=x_next,
-                        reduce=tc.logprob_reduce)
+                        reduce=tc.logprob_reduce, backend=sc.sde_backend)
         pg, ratio = clipped_policy_loss(step.log_prob, traj.log_probs[sl, j], adv[sl], tc.clip_range)
         loss = pg
         if tc.beta > 0:
             v_ref = policy.reference_velocity(x, s, c, u, guidance)
             mean_ref = sde_step(x, v_ref, s, s_next, noise_level=sc.noise_level, kind=sc.kind,
-                                next_sample=x_next, reduce=tc.logprob_reduce).mean
+                                next_sample=x_next, reduce=tc.logprob_reduce, backend=sc.sde_backend).mean
             kl = kl_to_reference(step.mean, mean_ref, step.std).mean()
             loss = loss + tc.beta * kl
             stats["kl"].append(kl.detach())
@@ -278,7 +279,8 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         bar = tqdm(total=n_batches * sc.num_steps, desc=f"epoch {epoch} rollout", disable=not progress, leave=False)
         traj = rollout(model, cond, uncond, sigmas, sde_steps, guidance_scale=sc.guidance_scale,
                        noise_level=sc.noise_level, kind=sc.kind, reduce=tc.logprob_reduce,
-                       batch_size=sc.batch_size, seed=sc.seed, noise_seed_offset=epoch * n_images, progress=bar)
+                       batch_size=sc.batch_size, seed=sc.seed, noise_seed_offset=epoch * n_images,
+                       backend=sc.sde_backend, progress=bar)
         bar.close()
         t_rollout = time.time() - t0
 

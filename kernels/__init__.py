@@ -5,3 +5,7 @@ as a top-level `kernels` module, which would shadow the PyPI package of that nam
 that diffusers and bitsandbytes import. Every kernel has a pure-torch reference in
 `fgrpo` (e.g. `fgrpo.sde.sde_step`) that is its test oracle and fallback.
 """
+
+from .sde import available_backends, sde_step
+
+__all__ = ["available_backends", "sde_step"]
