@@ -14,7 +14,7 @@ import torch
 
 from fgrpo.models.base import FlowModel, PromptEmbeds
 from fgrpo.sampling import guided_velocity, image_seeds, initial_noise
-from fgrpo.kernels import sde_step
+from fgrpo.sde import sde_step_fn
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Trajectory:
 @torch.no_grad()
 def rollout(model: FlowModel, cond: PromptEmbeds, uncond: PromptEmbeds | None, sigmas: torch.Tensor,
             sde_steps: list[int], *, guidance_scale: float, noise_level: float, kind: str, reduce: str,
-            batch_size: int, seed: int, noise_seed_offset: int = 0, backend: str = "auto",
+            batch_size: int, seed: int, noise_seed_offset: int = 0, backend: str = "reference",
             progress=None) -> Trajectory:
     """Sample len(cond) trajectories in batches of `batch_size`.
 
@@ -39,6 +39,7 @@ def rollout(model: FlowModel, cond: PromptEmbeds, uncond: PromptEmbeds | None, s
     device = cond.tokens.device
     num_steps = sigmas.numel() - 1
     sde_set = set(sde_steps)
+    sde_step = sde_step_fn(backend)
     states = torch.empty((n, num_steps + 1, *model.state_shape), dtype=torch.float32, device=device)
     log_probs = torch.zeros((n, num_steps), dtype=torch.float32, device=device)
     for b, start in enumerate(range(0, n, batch_size)):
@@ -53,7 +54,7 @@ def rollout(model: FlowModel, cond: PromptEmbeds, uncond: PromptEmbeds | None, s
             v = guided_velocity(model, x, sigmas[i], c, u, guidance_scale)
             if i in sde_set:
                 step = sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level=noise_level, kind=kind,
-                                reduce=reduce, generator=gen, backend=backend)
+                                reduce=reduce, generator=gen)
                 x = step.next_sample
                 log_probs[sl, i] = step.log_prob
             else:

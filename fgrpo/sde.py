@@ -105,3 +105,18 @@ def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tenso
     """
     d = (mean - mean_ref) ** 2 / (2 * std.clamp_min(1e-12) ** 2)
     return d.mean(dim=tuple(range(1, d.dim())))
+
+
+def sde_step_fn(backend: str = "reference"):
+    """The SDE step for a `sample.sde_backend` setting: this module's reference, or the fused op.
+
+    The fused op (`fgrpo.kernels`) is imported only when asked for, so the default path never
+    loads it.
+    """
+    if backend == "reference":
+        return sde_step
+    import functools
+
+    from fgrpo.kernels import sde_step as fused
+
+    return functools.partial(fused, backend=backend)

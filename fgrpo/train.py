@@ -29,8 +29,7 @@ from fgrpo.plot import accuracy_plot
 from fgrpo.rewards import get_reward, group_diversity, quality_proxies
 from fgrpo.rollout import rollout
 from fgrpo.sampling import flow_sigmas, guided_velocity, unconditional
-from fgrpo.kernels import sde_step
-from fgrpo.sde import kl_to_reference
+from fgrpo.sde import kl_to_reference, sde_step_fn
 from fgrpo.tasks import shapes
 
 
@@ -150,18 +149,19 @@ def train_on_batch(policy: Policy, traj, sl: slice, steps: list[int], adv: torch
     u = uncond.index(slice(0, sl.stop - sl.start)) if uncond is not None else None
     c = cond.index(sl)
     stats = {"ratio": [], "clipped": [], "kl": [], "loss": []}
+    sde_step = sde_step_fn(sc.sde_backend)
     for j in steps:
         x, x_next = traj.states[sl, j], traj.states[sl, j + 1]
         s, s_next = traj.sigmas[j], traj.sigmas[j + 1]
         v = guided_velocity(model, x, s, c, u, guidance)
         step = sde_step(x, v, s, s_next, noise_level=sc.noise_level, kind=sc.kind, next_sample=x_next,
-                        reduce=tc.logprob_reduce, backend=sc.sde_backend)
+                        reduce=tc.logprob_reduce)
         pg, ratio = clipped_policy_loss(step.log_prob, traj.log_probs[sl, j], adv[sl], tc.clip_range)
         loss = pg
         if tc.beta > 0:
             v_ref = policy.reference_velocity(x, s, c, u, guidance)
             mean_ref = sde_step(x, v_ref, s, s_next, noise_level=sc.noise_level, kind=sc.kind,
-                                next_sample=x_next, reduce=tc.logprob_reduce, backend=sc.sde_backend).mean
+                                next_sample=x_next, reduce=tc.logprob_reduce).mean
             kl = kl_to_reference(step.mean, mean_ref, step.std).mean()
             loss = loss + tc.beta * kl
             stats["kl"].append(kl.detach())
