@@ -65,9 +65,9 @@ class SampleConfig:
     sde_window: int = knob(0, "If > 0, only this many consecutive steps are stochastic and trained; the rest run the ODE.", ge=0)
     window_range: list = knob([0, 5], "Steps [first, last) from which the SDE window's start is drawn each epoch.")
     seed: int = knob(0, "Seed for prompt choice and noise; a run is reproducible for a given seed.", ge=0)
-    sde_backend: str = knob("reference", "SDE step implementation: 'reference' (pure torch, the default), or the fused "
-                            "op: 'auto' (Triton on CUDA, native C++ on CPU when built), 'native' or 'triton'. The fused "
-                            "op still crashes intermittently inside the CPU training loop: experimental.",
+    sde_backend: str = knob("auto", "SDE step implementation: 'auto' (the fused op: Triton on CUDA, native C++ on "
+                            "CPU when built, its torch form otherwise), or force 'reference' (pure torch), 'native' "
+                            "or 'triton'.",
                             choices=("auto", "reference", "native", "triton"))
 
 

@@ -28,7 +28,7 @@ class Trajectory:
 @torch.no_grad()
 def rollout(model: FlowModel, cond: PromptEmbeds, uncond: PromptEmbeds | None, sigmas: torch.Tensor,
             sde_steps: list[int], *, guidance_scale: float, noise_level: float, kind: str, reduce: str,
-            batch_size: int, seed: int, noise_seed_offset: int = 0, backend: str = "reference",
+            batch_size: int, seed: int, noise_seed_offset: int = 0, backend: str = "auto",
             progress=None) -> Trajectory:
     """Sample len(cond) trajectories in batches of `batch_size`.
 

@@ -21,9 +21,6 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-# Deselected by default (pyproject addopts): calls into the fused op's custom-op dispatch crash
-# intermittently (segfault or "schema_.has_value()" assert in torch/_ops.py), which would take
-# the whole test run down. Run these with `python -m pytest -m kernels tests/test_kernels.py`.
 pytestmark = pytest.mark.kernels
 
 import fgrpo.kernels as K  # noqa: E402

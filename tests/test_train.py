@@ -44,12 +44,11 @@ def one_rollout(cfg):
     return policy, traj, cond, uncond
 
 
-@pytest.mark.parametrize("backend", ["reference"])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("kind", ["sde", "cps"])
 @pytest.mark.parametrize("lora", [0, 4])
 def test_ratio_is_one_and_kl_zero_before_first_update(tmp_path, tiny_model_dir, kind, lora, backend):
-    # Only the reference backend here: the fused op crashes intermittently inside training on CPU
-    # (see the sde_backend setting); it is tested on its own in test_kernels.py.
+    # "auto" is the fused op (native C++ when built): sampling and training must agree with it too.
     cfg = tiny_cfg(tmp_path, tiny_model_dir, sample__kind=f'"{kind}"', train__lora_rank=lora, train__beta=0.1,
                    train__logprob_reduce='"mean"', sample__sde_backend=f'"{backend}"')
     policy, traj, cond, uncond = one_rollout(cfg)
