@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from fgrpo.models.base import FlowModel
@@ -121,8 +120,3 @@ def write_metrics(metrics: dict, path: str | Path) -> None:
     tmp.write_text(json.dumps(metrics, indent=2))
     tmp.replace(path)
 
-
-def to_device(model: FlowModel, device: str) -> FlowModel:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device)

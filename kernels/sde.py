@@ -88,13 +88,8 @@ def _rng_state(seed, offset, device: torch.device) -> torch.Tensor:
 
 
 def _per_sample(s, x: torch.Tensor) -> torch.Tensor:
-    """A scalar or (B,) sigma as a contiguous fp32 (B,) tensor on x's device."""
-    s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
-    if s.dim() == 0:
-        s = s.expand(x.shape[0])
-    if s.shape != (x.shape[0],):
-        raise ValueError(f"sigma must be a scalar or have shape ({x.shape[0]},), got {tuple(s.shape)}")
-    return s.contiguous()
+    """A scalar or (B,) sigma as a contiguous fp32 (B,) tensor on x's device (validated by the reference)."""
+    return reference._per_sample(s, x).reshape(-1).contiguous()
 
 
 # ------------------------------------------------------------------------ the ops
