@@ -44,6 +44,7 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from fgrpo.engine import RolloutEngine
     from fgrpo.evaluate import evaluate, format_table, resolve_prompts, write_metrics
     from fgrpo.models import load_model
 
@@ -53,7 +54,8 @@ def cmd_eval(args) -> None:
     resolve_prompts(cfg.eval.prompts)  # a bad prompt file fails before the model loads
     model = load_model(cfg.model, device).eval()
     C.save(cfg, out)
-    metrics = evaluate(model, cfg.eval, cfg.sample.shift, out_dir=out, progress=cfg.run.progress)
+    metrics = evaluate(model, cfg.eval, cfg.sample.shift, out_dir=out, progress=cfg.run.progress,
+                       engine=RolloutEngine.from_config(model, cfg.sample))
     write_metrics(metrics, out / "metrics.json")
     print(format_table(metrics, f"held-out strict accuracy ({metrics['num_images']} images, "
                                 f"{cfg.eval.num_steps} ODE steps, {metrics['seconds']:.0f}s)"))
@@ -63,6 +65,7 @@ def cmd_eval(args) -> None:
 def cmd_sample(args) -> None:
     from PIL import Image
 
+    from fgrpo.engine import RolloutEngine
     from fgrpo.models import load_model
     from fgrpo.sampling import sample_ode
     from fgrpo.tasks.shapes import images_to_uint8
@@ -72,7 +75,8 @@ def cmd_sample(args) -> None:
     model = load_model(cfg.model, device).eval()
     steps = args.steps or cfg.eval.num_steps
     x = sample_ode(model, [args.prompt] * args.num, num_steps=steps, guidance_scale=cfg.eval.guidance_scale,
-                   shift=cfg.sample.shift, seed=args.seed, batch_size=cfg.eval.batch_size)
+                   shift=cfg.sample.shift, seed=args.seed, batch_size=cfg.eval.batch_size,
+                   engine=RolloutEngine.from_config(model, cfg.sample))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = "_".join(args.prompt.split())[:60] or "unconditional"

@@ -69,6 +69,17 @@ class SampleConfig:
                             "CPU when built, its torch form otherwise), or force 'reference' (pure torch), 'native' "
                             "or 'triton'.",
                             choices=("auto", "reference", "native", "triton"))
+    cuda_graph: bool = knob(True, "Rollout engine: capture each rollout (and evaluation's ODE sampling) as one CUDA "
+                            "graph per shape and replay it per batch. CUDA only, and needs the fused Triton SDE op "
+                            "(sde_backend 'auto'); on the CPU, or if capture fails, rollouts run eager after one "
+                            "logged line. It changes speed, not samples.")
+    compile: str = knob("none", "torch.compile mode of the model's velocity in rollouts and evaluation: 'none' "
+                        "(eager kernels: the rollout's numerics match the training forward exactly), 'default' "
+                        "(inductor; minutes of compiling per shape, faster steps) or 'max-autotune-no-cudagraphs' "
+                        "(longer compile, autotuned matmuls). Compiled rollouts differ from the eager training "
+                        "forward by rounding, which the on-policy check (train.ratio_tol) bounds. 'reduce-overhead' "
+                        "is not offered: the engine owns CUDA graph capture (sample.cuda_graph).",
+                        choices=("none", "default", "max-autotune-no-cudagraphs"))
 
 
 @dataclass

@@ -90,13 +90,16 @@ def grid_subset(prompts: list[str], count: int) -> list[int]:
 
 
 def evaluate(model: FlowModel, eval_cfg, shift: float, out_dir: str | Path | None = None,
-             progress: bool = True, tag: str = "eval") -> dict:
-    """Sample every evaluation prompt `images_per_prompt` times and score the images."""
+             progress: bool = True, tag: str = "eval", engine=None) -> dict:
+    """Sample every evaluation prompt `images_per_prompt` times and score the images.
+
+    `engine` (a `fgrpo.engine.RolloutEngine`) runs the ODE sampling; default: eager.
+    """
     base = resolve_prompts(eval_cfg.prompts)
     prompts = [p for p in base for _ in range(eval_cfg.images_per_prompt)]
     t0 = time.time()
     x = sample_ode(model, prompts, num_steps=eval_cfg.num_steps, guidance_scale=eval_cfg.guidance_scale,
-                   shift=shift, seed=eval_cfg.seed, batch_size=eval_cfg.batch_size, progress=progress, desc=tag)
+                   shift=shift, seed=eval_cfg.seed, batch_size=eval_cfg.batch_size, progress=progress, desc=tag, engine=engine)
     images = shapes.images_to_uint8(x)
     scores = shapes.score_images(prompts, images)
     metrics = accuracy_table(scores["task"], scores["strict"], scores["reward"])

@@ -46,14 +46,18 @@ def initial_noise(shape: tuple[int, ...], seeds: list[int], device="cpu") -> tor
     return out.to(device)
 
 
-def guided_velocity(model: FlowModel, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
-                    uncond: PromptEmbeds | None, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guided velocity; the conditional and unconditional halves share one forward."""
+def guided_velocity(model: FlowModel | None, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
+                    uncond: PromptEmbeds | None, guidance_scale: float, velocity=None) -> torch.Tensor:
+    """Classifier-free guided velocity; the conditional and unconditional halves share one forward.
+
+    `velocity` replaces `model.velocity` (e.g. its torch.compile'd form).
+    """
+    velocity = model.velocity if velocity is None else velocity
     sigma = sigma.expand(x.shape[0]) if sigma.dim() == 0 else sigma
     if uncond is None or guidance_scale == 1.0:
-        return model.velocity(x, sigma, cond)
+        return velocity(x, sigma, cond)
     emb = PromptEmbeds.cat([cond, uncond])
-    v = model.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), emb)
+    v = velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), emb)
     v_cond, v_uncond = v.chunk(2)
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
@@ -66,8 +70,16 @@ def unconditional(model: FlowModel, batch: int) -> PromptEmbeds:
 @torch.no_grad()
 def sample_ode(model: FlowModel, prompts: list[str], *, num_steps: int = 40, guidance_scale: float = 4.5,
                shift: float = 3.0, seed: int = 0, batch_size: int = 64, progress: bool = False,
-               desc: str = "sampling") -> torch.Tensor:
-    """Euler ODE sampling with CFG; returns images in [-1, 1], shape (N, 3, H, W), on the CPU."""
+               desc: str = "sampling", engine=None) -> torch.Tensor:
+    """Euler ODE sampling with CFG; returns images in [-1, 1], shape (N, 3, H, W), on the CPU.
+
+    `engine` is the `fgrpo.engine.RolloutEngine` that runs the steps (graphed on CUDA);
+    without one, an eager engine is used.
+    """
+    if engine is None:
+        from fgrpo.engine import RolloutEngine
+
+        engine = RolloutEngine(model, cuda_graph=False)
     device = next(model.denoiser.parameters()).device
     sigmas = flow_sigmas(num_steps, shift).to(device)
     images = []
@@ -77,11 +89,8 @@ def sample_ode(model: FlowModel, prompts: list[str], *, num_steps: int = 40, gui
         batch = prompts[start:start + batch_size]
         cond = model.encode_unique(batch)
         uncond = unconditional(model, len(batch)) if guidance_scale != 1.0 else None
-        x = initial_noise(model.state_shape, image_seeds(seed, start, len(batch)), device)
-        for i in range(num_steps):
-            v = guided_velocity(model, x, sigmas[i], cond, uncond, guidance_scale)
-            x = x + v * (sigmas[i + 1] - sigmas[i])
-            bar.update(1)
+        x = engine.sample(cond, uncond, sigmas, guidance_scale=guidance_scale, batch_size=len(batch), seed=seed,
+                          noise_seed_offset=start, progress=bar)
         images.append(model.decode(x).cpu())
     bar.close()
     return torch.cat(images)

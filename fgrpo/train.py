@@ -21,13 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from fgrpo import config as C
+from fgrpo.engine import RolloutEngine
 from fgrpo.evaluate import evaluate, format_table, resolve_prompts, write_metrics
 from fgrpo.grpo import RewardError, clipped_policy_loss, group_advantages, zero_variance_fraction
 from fgrpo.models import load_model
 from fgrpo.models.base import FlowModel, PromptEmbeds
 from fgrpo.plot import accuracy_plot
+from fgrpo.profiling import nvtx_range
 from fgrpo.rewards import get_reward, group_diversity, quality_proxies
-from fgrpo.rollout import rollout
 from fgrpo.sampling import flow_sigmas, guided_velocity, unconditional
 from fgrpo.sde import kl_to_reference, sde_step_fn
 from fgrpo.tasks import shapes
@@ -227,6 +228,9 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     model = load_model(cfg.model, device)
     model.eval()
     policy = Policy(model, tc)
+    # After Policy: a captured graph bakes in the module structure (LoRA adapters included);
+    # weights may change in place (optimizer steps, EMA swaps) and replays see them.
+    engine = RolloutEngine.from_config(model, sc)
     opt = torch.optim.AdamW(list(policy.params.values()), lr=tc.lr, weight_decay=tc.weight_decay)
     reward_fn = get_reward(cfg.reward.name)
     sigmas = flow_sigmas(sc.num_steps, sc.shift).to(device)
@@ -250,7 +254,8 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     def run_eval(epoch: int, tag: str) -> dict:
         policy.swap_ema()
         try:
-            m = evaluate(model, cfg.eval, sc.shift, out_dir=out, progress=progress, tag=tag)
+            with nvtx_range("evaluate"):
+                m = evaluate(model, cfg.eval, sc.shift, out_dir=out, progress=progress, tag=tag, engine=engine)
         finally:
             policy.swap_ema()
         m.update(epoch=epoch, wall=wall)
@@ -277,10 +282,10 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         t0 = time.time()
         cond = model.encode_unique(prompts)
         bar = tqdm(total=n_batches * sc.num_steps, desc=f"epoch {epoch} rollout", disable=not progress, leave=False)
-        traj = rollout(model, cond, uncond, sigmas, sde_steps, guidance_scale=sc.guidance_scale,
-                       noise_level=sc.noise_level, kind=sc.kind, reduce=tc.logprob_reduce,
-                       batch_size=sc.batch_size, seed=sc.seed, noise_seed_offset=epoch * n_images,
-                       backend=sc.sde_backend, progress=bar)
+        traj = engine.rollout(cond, uncond, sigmas, sde_steps, guidance_scale=sc.guidance_scale,
+                              noise_level=sc.noise_level, kind=sc.kind, reduce=tc.logprob_reduce,
+                              batch_size=sc.batch_size, seed=sc.seed, noise_seed_offset=epoch * n_images,
+                              progress=bar)
         bar.close()
         t_rollout = time.time() - t0
 
@@ -288,7 +293,8 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         t0 = time.time()
         images = model.decode(traj.states[:, -1]).cpu()
         images_u8 = shapes.images_to_uint8(images)
-        rew = reward_fn(prompts, images_u8)
+        with nvtx_range("reward"):
+            rew = reward_fn(prompts, images_u8)
         rewards = torch.as_tensor(rew["reward"], dtype=torch.float32)
         if rewards.shape != (n_images,):
             raise RewardError(f"reward '{cfg.reward.name}' returned shape {tuple(rewards.shape)}, expected ({n_images},)")
@@ -305,16 +311,19 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
             bar = tqdm(total=n_batches, desc=f"epoch {epoch} train", disable=not progress, leave=False)
             for k, b in enumerate(order):
                 sl = slice(b * sc.batch_size, (b + 1) * sc.batch_size)
-                s = train_on_batch(policy, traj, sl, steps, adv, cond, uncond, cfg, 1.0 / (len(steps) * tc.grad_accum))
+                with nvtx_range("train batch"):
+                    s = train_on_batch(policy, traj, sl, steps, adv, cond, uncond, cfg,
+                                       1.0 / (len(steps) * tc.grad_accum))
                 if inner == 0 and k == 0:
                     check_on_policy(torch.cat(s["ratio"]), tc.ratio_tol, epoch)
                 for key in stats:
                     stats[key] += s[key]
                 if (k + 1) % tc.grad_accum == 0:
-                    if tc.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(list(policy.params.values()), tc.max_grad_norm)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                    with nvtx_range("optimizer step"):
+                        if tc.max_grad_norm > 0:
+                            torch.nn.utils.clip_grad_norm_(list(policy.params.values()), tc.max_grad_norm)
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
                     opt_steps += 1
                     if opt_steps % tc.ema_every == 0:
                         policy.update_ema(tc.ema_decay)
