@@ -19,12 +19,11 @@ copy's bandwidth. Each result records the device, torch version and git commit.
 
 import functools
 import os
-import platform
-import subprocess
 
 import pytest
 import torch
 
+from _env import environment  # benchmarks/ is on sys.path (no __init__.py)
 from fgrpo import kernels
 from fgrpo.sde import sde_step as reference_step
 
@@ -42,31 +41,6 @@ if os.environ.get("FGRPO_BENCH_THREADS"):
     # On a CPU shared with other work, every parallel region of the many-op eager reference can
     # wait a whole time slice for a preempted thread; one thread shows the kernels' own cost.
     torch.set_num_threads(int(os.environ["FGRPO_BENCH_THREADS"]))
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.machine()} cpu ({os.cpu_count()} cores)"
-
-
-@functools.cache
-def _environment() -> dict:
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    if CUDA:
-        device = torch.cuda.get_device_name()
-    else:
-        device = f"{_cpu_model()}, {torch.get_num_threads()} torch threads"
-    return {"device": device, "torch": torch.__version__, "commit": commit or "unknown"}
 
 
 @functools.cache
@@ -141,7 +115,7 @@ def test_sde_step(benchmark, latent, batch, v_dtype, provider, mode):
     benchmark(timed)
 
     nbytes = _bytes_moved(x.numel(), v_dtype, mode)
-    info = dict(_environment(), provider=provider, mode=mode, shape=list(shape), v_dtype=str(v_dtype), bytes=nbytes)
+    info = dict(environment(), provider=provider, mode=mode, shape=list(shape), v_dtype=str(v_dtype), bytes=nbytes)
     seconds = benchmark.stats.stats.mean
     info.update(ms=seconds * 1e3, gbps=nbytes / seconds / 1e9)
     if CUDA:
