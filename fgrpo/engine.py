@@ -283,8 +283,10 @@ class RolloutEngine:
                     self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
                 graph.replay = _record(lambda: self._body(graph), self._pool)
         except Exception as e:  # any failure to capture leaves the eager path, which is always correct
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            self.eager_reason = f"CUDA graph capture failed ({type(e).__name__}: {reason})"
+            # A failure inside the capture makes ending the capture fail too; report the first error.
+            first = e.__context__ if isinstance(e.__context__, Exception) else e
+            reason = str(first).strip().splitlines()[0] if str(first).strip() else ""
+            self.eager_reason = f"CUDA graph capture failed ({type(first).__name__}: {reason})"
             log.warning("rollout engine runs eager, not as a CUDA graph: %s", self.eager_reason)
             self.reset()
             return None

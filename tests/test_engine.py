@@ -299,7 +299,7 @@ def test_nvtx_ranges_balance_with_the_nvtx_package(fresh_profiling, monkeypatch)
 
 
 def _cuda_setup(tiny_model_dir, tmp_path, dtype="float32"):
-    cfg = tiny_cfg(tmp_path, tiny_model_dir, model__dtype=f'"{dtype}"')
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, model__dtype=f'"{dtype}"', train__logprob_reduce='"mean"')
     model = load_model(cfg.model, "cuda").eval()
     cond = model.encode_unique(PROMPTS * 2)
     return cfg, model, cond, unconditional(model, 4), flow_sigmas(4).cuda()
