@@ -45,7 +45,7 @@ class ModelConfig:
     image_size: int = knob(32, "Image side in pixels (the embedded model works in pixel space).", ge=8)
     patch_size: int = knob(4, "Transformer patch size; tokens per image = (image_size / patch_size)^2.", ge=1)
     num_layers: int = knob(4, "Joint-attention transformer blocks.", ge=1)
-    num_heads: int = knob(4, "Attention heads per block.", ge=1)
+    num_heads: int = knob(5, "Attention heads per block.", ge=1)
     head_dim: int = knob(32, "Width of one attention head.", ge=8)
     text_dim: int = knob(64, "Width of the text encoder.", ge=8)
     text_layers: int = knob(2, "Text encoder layers.", ge=1)

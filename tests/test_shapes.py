@@ -109,6 +109,17 @@ def test_render_basics():
     assert (batch == S.render_batch(["a cross", "two triangles"], seed=5, size=24)).all()
 
 
+def test_shapes_without_a_colour_render_in_the_default_colour_but_any_colour_scores():
+    rng = np.random.default_rng(0)
+    for prompt in ["a circle", "three squares", "a cross left of a triangle"]:
+        img = S.render(prompt, rng)
+        dets = S.detect(img)
+        assert dets and {d.color for d in dets} == {S.DEFAULT_COLOR}, prompt
+    # The prompt leaves the colour open, so a red circle is as right as a white one.
+    red = S.render("a red circle", rng)
+    assert S.score("a circle", S.detect(red), size=32) == (True, 1.0)
+
+
 def test_render_never_hangs_on_tiny_images():
     rng = np.random.default_rng(0)
     for prompt in ["four crosses", "a circle above a square", "a red cross and a blue triangle"]:

@@ -28,6 +28,7 @@ COLORS = {
     "yellow": (240, 220, 30),
     "white": (240, 240, 240),
 }
+DEFAULT_COLOR = "white"  # the colour of shapes whose prompt names none
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -259,12 +260,10 @@ def _draw_scene(objects: list[tuple[str, tuple[int, int, int]]], centres: np.nda
 def render(prompt_or_spec: str | PromptSpec, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     """A correct scene for the prompt: uint8 (size, size, 3), shapes on black."""
     spec = parse_prompt(prompt_or_spec) if isinstance(prompt_or_spec, str) else prompt_or_spec
-    names = list(COLORS)
-    objects = []
-    for o in spec.objects:
-        for _ in range(o.count):
-            color = o.color if o.color is not None else names[rng.integers(len(names))]
-            objects.append((o.shape, COLORS[color]))
+    # A shape whose colour the prompt leaves open is drawn in DEFAULT_COLOR. Random colours
+    # would make the model's best guess at high noise the palette's mean, a dim grey below
+    # the detector's foreground threshold, and a small model then draws nothing at all.
+    objects = [(o.shape, COLORS[o.color or DEFAULT_COLOR]) for o in spec.objects for _ in range(o.count)]
     centres, sides = _layout(len(objects), size, rng, spec.relation)
     return _draw_scene(objects, centres, sides, size)
 
