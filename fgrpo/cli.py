@@ -51,7 +51,7 @@ def cmd_eval(args) -> None:
     cfg = C.load(args.config, args.overrides)
     device = _setup(cfg)
     out = Path(args.out or Path(cfg.run.output_dir) / "eval")
-    resolve_prompts(cfg.eval.prompts)  # a bad prompt file fails before the model loads
+    resolve_prompts(cfg.eval.prompts, shapes_only=True)  # a bad prompt file fails before the model loads
     model = load_model(cfg.model, device).eval()
     C.save(cfg, out)
     metrics = evaluate(model, cfg.eval, cfg.sample.shift, out_dir=out, progress=cfg.run.progress,

@@ -63,6 +63,7 @@ class SampleConfig:
     groups_per_epoch: int = knob(8, "Distinct prompts sampled per epoch (paper: 48).", ge=1)
     batch_size: int = knob(32, "Images per model forward in rollouts; training uses the same size on purpose.", ge=1)
     sde_window: int = knob(0, "If > 0, only this many consecutive steps are stochastic and trained; the rest run the ODE.", ge=0)
+    shared_group_noise: bool = knob(False, "Give the images of a group one initial noise, so rewards within a group differ only through the SDE noise the policy is trained on.")
     window_range: list = knob([0, 5], "Steps [first, last) from which the SDE window's start is drawn each epoch.")
     seed: int = knob(0, "Seed for prompt choice and noise; a run is reproducible for a given seed.", ge=0)
     sde_backend: str = knob("auto", "SDE step implementation: 'auto' (the fused op: Triton on CUDA, native C++ on "

@@ -194,11 +194,11 @@ class RolloutEngine:
     @torch.no_grad()
     def rollout(self, cond: PromptEmbeds, uncond: PromptEmbeds | None, sigmas: torch.Tensor, sde_steps: list[int],
                 *, guidance_scale: float, noise_level: float, kind: str, reduce: str, batch_size: int, seed: int,
-                noise_seed_offset: int = 0, progress=None) -> Trajectory:
+                noise_seed_offset: int = 0, share_initial_noise: int = 1, progress=None) -> Trajectory:
         """`fgrpo.rollout.rollout` for this engine's model: the same arguments and trajectory."""
         with nvtx_range("rollout"):
             states, log_probs = self._run(cond, uncond, sigmas, sde_steps, guidance_scale, noise_level, kind, reduce,
-                                          batch_size, seed, noise_seed_offset, True, progress)
+                                          batch_size, seed, noise_seed_offset, True, progress, share_initial_noise)
         return Trajectory(states, log_probs, sigmas, sorted(set(sde_steps)))
 
     @torch.no_grad()
@@ -214,7 +214,7 @@ class RolloutEngine:
     # ------------------------------------------------------------------ batches
 
     def _run(self, cond, uncond, sigmas, sde_steps, guidance_scale, noise_level, kind, reduce, batch_size, seed,
-             noise_seed_offset, trajectory, progress):
+             noise_seed_offset, trajectory, progress, share_initial_noise=1):
         n = cond.tokens.shape[0]
         s = tuple(self.model.state_shape)
         t = sigmas.numel() - 1
@@ -228,7 +228,7 @@ class RolloutEngine:
         for b, start in enumerate(range(0, n, batch_size)):
             sl = slice(start, min(n, start + batch_size))
             m = sl.stop - sl.start
-            x0 = self._to_device(initial_noise(s, image_seeds(seed, noise_seed_offset + start, m)))
+            x0 = self._to_device(initial_noise(s, image_seeds(seed, noise_seed_offset + start, m, share_initial_noise)))
             c = cond.index(sl)
             u = uncond.index(slice(0, m)) if uncond is not None and guidance_scale != 1.0 else None
             bseed = batch_seed(seed, noise_seed_offset, b)

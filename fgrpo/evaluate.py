@@ -13,23 +13,33 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fgrpo.config import UserError
 from fgrpo.models.base import FlowModel
 from fgrpo.rewards import group_diversity, quality_proxies
 from fgrpo.sampling import sample_ode
 from fgrpo.tasks import shapes
 
 
-def resolve_prompts(spec: str) -> list[str]:
-    """'train' / 'test' name the shipped sets; anything else is a text file, one prompt per line."""
+def resolve_prompts(spec: str, shapes_only: bool = False) -> list[str]:
+    """'train' / 'test' name the shipped sets; anything else is a text file, one prompt per line.
+
+    With `shapes_only` every prompt must follow the shapes grammar (the detector scores it).
+    """
     if spec in ("train", "test"):
         return shapes.load_prompts(spec)
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} not found; use 'train', 'test' or a path to a text file")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
-    return prompts
+    lines = [(i + 1, line.strip()) for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
+    if not lines:
+        raise UserError(f"prompt file {path} holds no prompts")
+    if shapes_only:
+        for lineno, prompt in lines:
+            try:
+                shapes.parse_prompt(prompt)
+            except ValueError as e:
+                raise UserError(f"{path}:{lineno}: {e}") from None
+    return [p for _, p in lines]
 
 
 def accuracy_table(tasks: list[str], strict: np.ndarray, reward: np.ndarray) -> dict:
@@ -95,7 +105,7 @@ def evaluate(model: FlowModel, eval_cfg, shift: float, out_dir: str | Path | Non
 
     `engine` (a `fgrpo.engine.RolloutEngine`) runs the ODE sampling; default: eager.
     """
-    base = resolve_prompts(eval_cfg.prompts)
+    base = resolve_prompts(eval_cfg.prompts, shapes_only=True)
     prompts = [p for p in base for _ in range(eval_cfg.images_per_prompt)]
     t0 = time.time()
     x = sample_ode(model, prompts, num_steps=eval_cfg.num_steps, guidance_scale=eval_cfg.guidance_scale,

@@ -30,10 +30,11 @@ class Trajectory:
 def rollout(model: FlowModel, cond: PromptEmbeds, uncond: PromptEmbeds | None, sigmas: torch.Tensor,
             sde_steps: list[int], *, guidance_scale: float, noise_level: float, kind: str, reduce: str,
             batch_size: int, seed: int, noise_seed_offset: int = 0, backend: str = "auto",
-            progress=None) -> Trajectory:
+            share_initial_noise: int = 1, progress=None) -> Trajectory:
     """Sample len(cond) trajectories in batches of `batch_size` (the eager reference).
 
-    Initial noise is per image (seed, index); SDE noise comes from one generator per
+    Initial noise is per image (seed, index), or per run of `share_initial_noise` images;
+    SDE noise comes from one generator per
     batch seeded from (seed, batch index), so a rollout is reproducible.
     `fgrpo.engine.RolloutEngine` runs the same steps, captured as a CUDA graph on GPU.
     """
@@ -47,7 +48,7 @@ def rollout(model: FlowModel, cond: PromptEmbeds, uncond: PromptEmbeds | None, s
         sl = slice(start, min(n, start + batch_size))
         m = sl.stop - sl.start
         gen = torch.Generator(device=device).manual_seed(batch_seed(seed, noise_seed_offset, b))
-        x = initial_noise(model.state_shape, image_seeds(seed, noise_seed_offset + start, m), device)
+        x = initial_noise(model.state_shape, image_seeds(seed, noise_seed_offset + start, m, share_initial_noise), device)
         u = uncond.index(slice(0, m)) if uncond is not None else None
         run_steps(model.velocity, x, cond.index(sl), u, sigmas, sde_steps, guidance_scale=guidance_scale,
                   noise_level=noise_level, kind=kind, reduce=reduce, sde_step=sde_step, noise=gen,

@@ -32,9 +32,13 @@ def flow_sigmas(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
 
 
-def image_seeds(seed: int, start: int, count: int) -> list[int]:
-    """Per-image seeds: image `start + i` of a run seeded `seed` always gets the same noise."""
-    return [(seed * 1_000_003 + start + i) % (2**63 - 1) for i in range(count)]
+def image_seeds(seed: int, start: int, count: int, share: int = 1) -> list[int]:
+    """Per-image seeds: image `start + i` of a run seeded `seed` always gets the same noise.
+
+    With `share > 1`, each run of `share` consecutive images (a GRPO group, when groups
+    are contiguous and `start` is a multiple of `share` at group starts) gets one seed.
+    """
+    return [(seed * 1_000_003 + (start + i) // share) % (2**63 - 1) for i in range(count)]
 
 
 def initial_noise(shape: tuple[int, ...], seeds: list[int], device="cpu") -> torch.Tensor:

@@ -222,8 +222,8 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     device = torch.device("cuda" if rc.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
     # ---- model, reference, optimizer
-    pool = resolve_prompts(cfg.reward.prompts)
-    resolve_prompts(cfg.eval.prompts)  # bad prompt files fail before any work is done
+    pool = resolve_prompts(cfg.reward.prompts, shapes_only=cfg.reward.name.startswith("shapes"))
+    resolve_prompts(cfg.eval.prompts, shapes_only=True)  # bad prompt files fail before any work is done
     torch.manual_seed(sc.seed)
     model = load_model(cfg.model, device)
     model.eval()
@@ -285,7 +285,7 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         traj = engine.rollout(cond, uncond, sigmas, sde_steps, guidance_scale=sc.guidance_scale,
                               noise_level=sc.noise_level, kind=sc.kind, reduce=tc.logprob_reduce,
                               batch_size=sc.batch_size, seed=sc.seed, noise_seed_offset=epoch * n_images,
-                              progress=bar)
+                              share_initial_noise=sc.group_size if sc.shared_group_noise else 1, progress=bar)
         bar.close()
         t_rollout = time.time() - t0
 

@@ -45,3 +45,19 @@ def test_user_errors_exit_2_with_one_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fgrpo: error:") and needle in err and "\n" not in err
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+@pytest.mark.parametrize("lines, needle", [
+    ("a circle\na red circle left of a blue square\n", "prompts.txt:2: shapes prompt 'a red circle left of"),
+    ("\n\n", "holds no prompts"),
+])
+def test_bad_prompt_files_name_the_line_to_fix(tmp_path, capsys, command, lines, needle):
+    bad = tmp_path / "prompts.txt"
+    bad.write_text(lines)
+    key = "eval.prompts" if command == "eval" else "reward.prompts"
+    argv = [command, str(ROOT / "configs" / "geneval.toml"), "--set", f'{key}="{bad}"',
+            "--set", f'run.output_dir="{tmp_path / "run"}"']
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fgrpo: error:") and needle in err and "\n" not in err

@@ -142,3 +142,23 @@ def test_exported_model_reproduces_the_trained_policy(tmp_path, tiny_model_dir, 
                                    rtol=1e-4, atol=1e-5)
         base = load_model(cfg.model)
         assert not torch.allclose(base.velocity(x, sigma, emb), loaded.velocity(x, sigma, emb), atol=1e-5)
+
+
+def test_shared_group_noise_gives_a_group_one_start_and_sde_noise_tells_them_apart(tmp_path, tiny_model_dir):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir)
+    model = load_model(cfg.model)
+    sc = cfg.sample
+    sigmas = flow_sigmas(sc.num_steps, sc.shift)
+    prompts = [p for p in PROMPTS[:2] for _ in range(4)]
+    cond = model.encode_unique(prompts)
+    uncond = unconditional(model, 8)
+    kw = dict(guidance_scale=sc.guidance_scale, noise_level=0.7, kind="sde", reduce="mean", batch_size=8, seed=0,
+              noise_seed_offset=16)
+    shared = rollout(model, cond, uncond, sigmas, list(range(sc.num_steps)), share_initial_noise=4, **kw)
+    start = shared.states[:, 0]
+    assert torch.equal(start[0], start[3]) and torch.equal(start[4], start[7])
+    assert not torch.equal(start[0], start[4])
+    final = shared.states[:, -1]
+    assert not torch.allclose(final[0], final[1])  # the SDE noise still differs within the group
+    independent = rollout(model, cond, uncond, sigmas, list(range(sc.num_steps)), **kw)
+    assert not torch.equal(independent.states[0, 0], independent.states[1, 0])
