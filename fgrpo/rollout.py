@@ -34,8 +34,8 @@ def rollout(model: FlowModel, cond: PromptEmbeds, uncond: PromptEmbeds | None, s
     """Sample len(cond) trajectories in batches of `batch_size` (the eager reference).
 
     Initial noise is per image (seed, index), or per run of `share_initial_noise` images;
-    SDE noise comes from one generator per
-    batch seeded from (seed, batch index), so a rollout is reproducible.
+    SDE noise comes from one generator per batch seeded from (seed, batch index), so a
+    rollout is reproducible.
     `fgrpo.engine.RolloutEngine` runs the same steps, captured as a CUDA graph on GPU.
     """
     n = cond.tokens.shape[0]
