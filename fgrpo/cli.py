@@ -91,7 +91,7 @@ def cmd_train(args) -> None:
 
     cfg = C.load(args.config, args.overrides)
     _setup(cfg)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="online RL (Flow-GRPO) of a flow model against a reward")
     _add_config_args(p)
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose outputs are in DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run even if run.output_dir holds an earlier run's checkpoint (it is replaced)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="held-out GenEval-style evaluation with the ODE sampler")

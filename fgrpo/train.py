@@ -206,13 +206,21 @@ def export_weights(policy: Policy, out: Path) -> None:
 # ---------------------------------------------------------------------------- the loop
 
 
-def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None) -> dict:
+def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None, overwrite: bool = False) -> dict:
+    """Run Flow-GRPO as `cfg` says; returns the summary also written to metrics.json.
+
+    `resume` continues the run in that directory. A fresh run refuses an output_dir that holds
+    an earlier run's checkpoint unless `overwrite` is set, so no run is lost by repeating a command.
+    """
     sc, tc, rc = cfg.sample, cfg.train, cfg.run
     progress = rc.progress if progress is None else progress
     out = Path(resume) if resume else Path(rc.output_dir)
     ckpt_path = out / "checkpoint.pt"
     if resume and not ckpt_path.is_file():
         raise C.UserError(f"--resume {resume}: no checkpoint.pt there; pass the output_dir of an earlier run")
+    if not resume and ckpt_path.is_file() and not overwrite:
+        raise C.UserError(f"{out} already holds a run (checkpoint.pt); continue it with --resume {out}, write "
+                          f"elsewhere with --set run.output_dir=DIR, or start over with --overwrite")
     if resume:
         # The given config governs the continued run (e.g. more epochs); it writes where the run lives.
         cfg = C.from_dict({**C.to_dict(cfg), "run": {**C.to_dict(cfg)["run"], "output_dir": str(out)}})
@@ -264,6 +272,9 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         return m
 
     metrics_file = out / "metrics.jsonl"
+    if not resume:
+        metrics_file.write_text("")  # a fresh run's log starts empty, whatever an earlier run left here
+        ckpt_path.unlink(missing_ok=True)  # so a crash before the first checkpoint cannot resume the old run
     writer = _tensorboard(out)
     if not evals:
         run_eval(0, "eval_before")

@@ -61,3 +61,14 @@ def test_bad_prompt_files_name_the_line_to_fix(tmp_path, capsys, command, lines,
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fgrpo: error:") and needle in err and "\n" not in err
+
+
+def test_train_refuses_to_replace_a_run_and_says_how_to_go_on(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"an earlier run")
+    argv = ["train", str(ROOT / "configs" / "geneval.toml"), "--set", f'run.output_dir="{out}"']
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fgrpo: error:") and f"--resume {out}" in err and "--overwrite" in err and "\n" not in err
+    assert (out / "checkpoint.pt").read_bytes() == b"an earlier run"

@@ -122,6 +122,20 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
         train(cfg, resume=str(tmp_path / "nowhere"))
 
 
+def test_a_fresh_run_never_replaces_an_earlier_one_unless_asked(tmp_path, tiny_model_dir):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, reward__name='"brightness"', train__epochs=2)
+    train(cfg)
+    out = tmp_path / "run"
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(C.UserError, match="already holds a run.*--resume.*--overwrite"):
+        train(cfg)
+    assert (out / "checkpoint.pt").read_bytes() == before
+    # Starting over: the new run's log holds its own epochs only, not the earlier run's too.
+    train(tiny_cfg(tmp_path, tiny_model_dir, reward__name='"brightness"', train__epochs=1), overwrite=True)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+
+
 @pytest.mark.parametrize("lora", [0, 4])
 def test_exported_model_reproduces_the_trained_policy(tmp_path, tiny_model_dir, lora):
     from fgrpo.models.embedded import EmbeddedFlowModel
