@@ -39,6 +39,9 @@ def cmd_pretrain(args) -> None:
     cfg = C.load(args.config, args.overrides)
     _setup(cfg)
     summary = pretrain(cfg, progress=cfg.run.progress)
+    if "vae_steps" in summary:
+        print(f"autoencoder: {summary['vae_steps']} steps in {summary['vae_seconds']:.0f}s, loss {summary['vae_loss']:.4f}, "
+              f"strict accuracy of its reconstructions {summary['vae_reconstruction_strict']:.3f}")
     print(f"pretrained {summary['steps']} steps in {summary['seconds']:.0f}s, final loss {summary['final_loss']:.4f}; "
           f"weights in {summary['out']}")
 

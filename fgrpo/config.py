@@ -42,8 +42,12 @@ class ModelConfig:
     dtype: str = knob("float32", "Dtype of the denoiser's weights and activations (the SDE math is always fp32).",
                       choices=("float32", "bfloat16", "float16"))
     # Architecture of a freshly built embedded model (used by `fgrpo pretrain` only).
-    image_size: int = knob(32, "Image side in pixels (the embedded model works in pixel space).", ge=8)
-    patch_size: int = knob(4, "Transformer patch size; tokens per image = (image_size / patch_size)^2.", ge=1)
+    image_size: int = knob(32, "Image side in pixels.", ge=8)
+    latent_channels: int = knob(0, "0: the flow runs on pixels. > 0: it runs on AutoencoderKL latents with this many "
+                                "channels at a quarter of image_size per side (as SD3.5 does); pretraining trains "
+                                "the autoencoder first.", ge=0)
+    patch_size: int = knob(4, "Transformer patch size, in pixels of the flow's state (latent pixels for a latent "
+                           "model); tokens per image = (state side / patch_size)^2.", ge=1)
     num_layers: int = knob(4, "Joint-attention transformer blocks.", ge=1)
     num_heads: int = knob(5, "Attention heads per block.", ge=1)
     head_dim: int = knob(32, "Width of one attention head.", ge=8)
@@ -126,6 +130,9 @@ class EvalConfig:
 @dataclass
 class PretrainConfig:
     steps: int = knob(3000, "Optimizer steps of flow-matching pretraining.", ge=1)
+    vae_steps: int = knob(1000, "Latent models only: optimizer steps that train the autoencoder (reconstruction "
+                          "loss on rendered scenes) before flow matching starts.", ge=1)
+    vae_lr: float = knob(2e-3, "Latent models only: AdamW peak learning rate of the autoencoder stage.", gt=0.0)
     batch_size: int = knob(64, "Rendered scenes per step.", ge=1)
     lr: float = knob(1e-3, "AdamW peak learning rate (cosine decay after warmup).", gt=0.0)
     warmup: int = knob(100, "Linear warmup steps.", ge=0)

@@ -3,7 +3,9 @@
 `fgrpo pretrain configs/pretrain.toml` builds a fresh embedded model, trains
 denoiser and text encoder together on correct renderings of the *train* prompts
 (held-out prompts are never rendered), and writes the EMA weights. Task types are
-sampled uniformly so the small single-object set is not drowned out.
+sampled uniformly so the small single-object set is not drowned out. A latent model
+(`model.latent_channels > 0`) first trains its autoencoder on the same scenes, then
+freezes it and runs flow matching on its normalised latents.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fgrpo.config import Config, save
@@ -45,21 +48,67 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1 - decay)
 
 
+def lr_schedule(peak: float, warmup: int, steps: int):
+    """Linear warmup, then cosine decay to 5% of the peak."""
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return peak * (step + 1) / warmup
+        frac = (step - warmup) / max(1, steps - warmup)
+        return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return lr_at
+
+
+def train_autoencoder(model: EmbeddedFlowModel, cfg: Config, progress: bool = True) -> dict:
+    """Fit the model's AutoencoderKL to rendered scenes, freeze it and set its latent normalisation.
+
+    Loss: MSE + L1 reconstruction with a small KL term (a nearly deterministic encoder, as
+    latent flow models use). Afterwards `scaling_factor` and `shift_factor` are set so the
+    latents of rendered scenes have mean 0 and std 1, the scale the flow's noise assumes.
+    """
+    pc, vae = cfg.pretrain, model.vae
+    vae.requires_grad_(True).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=pc.vae_lr, weight_decay=0.0)
+    lr_at = lr_schedule(pc.vae_lr, min(pc.warmup, pc.vae_steps // 2), pc.vae_steps)
+    stream = scene_stream(shapes.load_prompts("train"), pc.batch_size, cfg.model.image_size, pc.seed + 1)
+    losses, t0 = [], time.time()
+    bar = tqdm(range(pc.vae_steps), desc="autoencoder", disable=not progress)
+    for step in bar:
+        _, x = next(stream)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + (rec - x).abs().mean() + 1e-4 * post.kl().mean() / x[0].numel()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    bar.close()
+    vae.requires_grad_(False).eval()
+    with torch.no_grad():
+        prompts, x = next(stream)
+        z = vae.encode(x).latent_dist.mode()
+        vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std().clamp_min(1e-6)))
+        rec = vae.decode(z).sample.clamp(-1, 1)
+        acc = float(shapes.score_images(prompts, shapes.images_to_uint8(rec))["strict"].mean())
+    return {"vae_steps": pc.vae_steps, "vae_loss_start": float(np.mean(losses[:5])), "vae_loss": float(np.mean(losses[-50:])), "vae_seconds": time.time() - t0,
+            "vae_reconstruction_strict": acc}
+
+
 def pretrain(cfg: Config, progress: bool = True) -> dict:
     pc = cfg.pretrain
     torch.manual_seed(pc.seed)
     model = EmbeddedFlowModel.from_config(cfg.model)
+    vae_summary = train_autoencoder(model, cfg, progress) if model.vae is not None else {}
     model.text_encoder.requires_grad_(True)
     model.train()
     ema = copy.deepcopy(model).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=0.01, betas=(0.9, 0.99))
 
-    def lr_at(step: int) -> float:
-        if step < pc.warmup:
-            return pc.lr * (step + 1) / pc.warmup
-        frac = (step - pc.warmup) / max(1, pc.steps - pc.warmup)
-        return pc.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+    lr_at = lr_schedule(pc.lr, pc.warmup, pc.steps)
 
     stream = scene_stream(shapes.load_prompts("train"), pc.batch_size, cfg.model.image_size, pc.seed)
     gen = torch.Generator().manual_seed(pc.seed)
@@ -67,7 +116,8 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
     t0 = time.time()
     bar = tqdm(range(pc.steps), desc="pretrain", disable=not progress)
     for step in bar:
-        prompts, x0 = next(stream)
+        prompts, images = next(stream)
+        x0 = model.encode_images(images)
         drop = torch.rand(len(prompts), generator=gen) < pc.cfg_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         # Logit-normal timesteps (SD3's choice) concentrate training on mid-noise levels.
@@ -89,7 +139,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     bar.close()
     ema.save_pretrained(pc.out)
-    summary = {"steps": pc.steps, "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0,
+    summary = {**vae_summary, "steps": pc.steps, "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0,
                "out": str(pc.out)}
     out_dir = Path(cfg.run.output_dir)
     save(cfg, out_dir)

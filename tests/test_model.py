@@ -72,3 +72,27 @@ def test_shipped_weights_load_by_default_and_fit_the_budget():
     assert m.state_shape == (3, 32, 32)
     x = sample_ode(m, ["a red circle"], num_steps=2, guidance_scale=1.0, seed=0)
     assert torch.isfinite(x).all()
+
+
+def test_latent_model_round_trip_and_decodes_to_images(tiny_latent_model_dir, tmp_path):
+    m = EmbeddedFlowModel.from_pretrained(tiny_latent_model_dir).eval()
+    assert m.vae is not None and m.state_shape == (4, 4, 4) and m.image_size == 16
+    m.save_pretrained(tmp_path / "copy")
+    m2 = EmbeddedFlowModel.from_pretrained(tmp_path / "copy").eval()
+    z = torch.randn(3, *m.state_shape)
+    torch.testing.assert_close(m.decode(z), m2.decode(z), rtol=0, atol=0)
+    assert m.decode(z).shape == (3, 3, 16, 16)
+    x = sample_ode(m, ["a red circle", "two squares"], num_steps=3, guidance_scale=2.0, seed=0)
+    assert x.shape == (2, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
+    # Images go to latents of the flow's state shape, and the autoencoder stays frozen.
+    assert m.encode_images(x).shape == (2, *m.state_shape)
+    assert not any(p.requires_grad for p in m.vae.parameters())
+
+
+def test_latent_model_rejects_sizes_the_autoencoder_cannot_halve():
+    import pytest
+
+    with pytest.raises(ValueError, match="multiple of 4"):
+        EmbeddedFlowModel.build(image_size=18, patch_size=1, latent_channels=4)
+    with pytest.raises(ValueError, match="patch_size"):
+        EmbeddedFlowModel.build(image_size=16, patch_size=3, latent_channels=4)

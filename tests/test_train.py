@@ -176,3 +176,17 @@ def test_shared_group_noise_gives_a_group_one_start_and_sde_noise_tells_them_apa
     assert not torch.allclose(final[0], final[1])  # the SDE noise still differs within the group
     independent = rollout(model, cond, uncond, sigmas, list(range(sc.num_steps)), **kw)
     assert not torch.equal(independent.states[0, 0], independent.states[1, 0])
+
+
+def test_a_latent_model_trains_and_exports_with_its_autoencoder(tmp_path, tiny_latent_model_dir):
+    cfg = tiny_cfg(tmp_path, tiny_latent_model_dir, train__epochs=2, train__logprob_reduce='"mean"',
+                   train__clip_range=1e-4, train__lr=1e-4)
+    policy, traj, cond, uncond = one_rollout(cfg)
+    assert traj.states.shape[2:] == (4, 4, 4)
+    s = train_on_batch(policy, traj, slice(0, 4), [0, 1, 2], torch.tensor([1.0, -1.0, 0.5, -0.5]), cond, uncond, cfg, 1.0)
+    assert (torch.cat(s["ratio"]) - 1).abs().max() < 1e-5
+    summary = train(cfg)
+    assert summary["after"]["strict_accuracy"] is not None
+    exported = load_model(C.from_dict({**C.to_dict(cfg), "model": {**C.to_dict(cfg)["model"],
+                                                                   "path": str(tmp_path / "run" / "model")}}).model)
+    assert exported.vae is not None and exported.state_shape == (4, 4, 4)

@@ -1,11 +1,13 @@
-"""The embedded model: a small pixel-space text-to-image rectified-flow model.
+"""The embedded model: a small text-to-image rectified-flow model.
 
 Its denoiser is diffusers' `SD3Transformer2DModel` (the SD3.5 architecture family
 in a tiny configuration) and its text encoder a small transformers `CLIPTextModel`
 with a word-level tokenizer over the shapes-task vocabulary, so every feature runs
-on the same code path it will use for SD3.5. It works directly on 32x32 RGB pixels
-in [-1, 1]: no VAE. Weights ship with the package (a few MB) and are reproduced by
-`fgrpo pretrain configs/pretrain.toml`.
+on the same code path it will use for SD3.5. The shipped model works directly on
+32x32 RGB pixels in [-1, 1]; built with `latent_channels > 0` it flows in the latent
+space of a small diffusers `AutoencoderKL` instead, as SD3.5 does (4x downsampling:
+8x8 latents for 32x32 images). Weights ship with the package (a few MB) and are
+reproduced by `fgrpo pretrain configs/pretrain.toml`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import AutoencoderKL, SD3Transformer2DModel
 from diffusers.utils import logging as diffusers_logging
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -33,6 +35,8 @@ transformers_logging.disable_progress_bar()
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "embedded"
 MAX_TOKENS = 12
 PAD, EOS, UNK = "[PAD]", "[EOS]", "[UNK]"
+VAE_CHANNELS = (16, 32, 64)  # AutoencoderKL block widths: three blocks downsample 4x
+VAE_FACTOR = 2 ** (len(VAE_CHANNELS) - 1)
 
 
 def task_vocabulary() -> list[str]:
@@ -57,21 +61,41 @@ def build_tokenizer() -> Tokenizer:
 
 
 class EmbeddedFlowModel(FlowModel):
-    def __init__(self, denoiser: SD3Transformer2DModel, text_encoder: CLIPTextModel, tokenizer: Tokenizer):
+    def __init__(self, denoiser: SD3Transformer2DModel, text_encoder: CLIPTextModel, tokenizer: Tokenizer,
+                 vae: AutoencoderKL | None = None):
         super().__init__()
         self.denoiser = denoiser
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.text_encoder.requires_grad_(False)
+        # Latent models only; frozen here (pretraining trains it in a stage of its own).
+        self.vae = vae.requires_grad_(False).eval() if vae is not None else None
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def build(cls, image_size=32, patch_size=4, num_layers=4, num_heads=4, head_dim=32,
-              text_dim=64, text_layers=2) -> "EmbeddedFlowModel":
-        """A freshly initialised model (random weights) of the given size."""
-        if image_size % patch_size:
-            raise ValueError(f"model.image_size={image_size} must be a multiple of model.patch_size={patch_size}")
+              text_dim=64, text_layers=2, latent_channels=0) -> "EmbeddedFlowModel":
+        """A freshly initialised model (random weights) of the given size.
+
+        With `latent_channels > 0` the denoiser works on (latent_channels, image_size / 4,
+        image_size / 4) AutoencoderKL latents and `patch_size` counts latent pixels.
+        """
+        vae = None
+        grid, channels = image_size, 3
+        if latent_channels:
+            if image_size % VAE_FACTOR:
+                raise ValueError(f"model.image_size={image_size} must be a multiple of {VAE_FACTOR} for a latent model")
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
+                up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS), block_out_channels=VAE_CHANNELS,
+                layers_per_block=1, latent_channels=latent_channels, norm_num_groups=8, sample_size=image_size,
+                shift_factor=0.0, scaling_factor=1.0,
+            )
+            grid, channels = image_size // VAE_FACTOR, latent_channels
+        if grid % patch_size:
+            what = "the latent side (image_size / 4)" if latent_channels else "model.image_size"
+            raise ValueError(f"{what}={grid} must be a multiple of model.patch_size={patch_size}")
         tokenizer = build_tokenizer()
         text_cfg = CLIPTextConfig(
             vocab_size=tokenizer.get_vocab_size(), hidden_size=text_dim, intermediate_size=2 * text_dim,
@@ -80,17 +104,18 @@ class EmbeddedFlowModel(FlowModel):
             projection_dim=text_dim,
         )
         denoiser = SD3Transformer2DModel(
-            sample_size=image_size, patch_size=patch_size, in_channels=3, out_channels=3,
+            sample_size=grid, patch_size=patch_size, in_channels=channels, out_channels=channels,
             num_layers=num_layers, attention_head_dim=head_dim, num_attention_heads=num_heads,
             joint_attention_dim=text_dim, caption_projection_dim=num_heads * head_dim,
-            pooled_projection_dim=text_dim, pos_embed_max_size=image_size // patch_size,
+            pooled_projection_dim=text_dim, pos_embed_max_size=grid // patch_size,
         )
-        return cls(denoiser, CLIPTextModel(text_cfg), tokenizer)
+        return cls(denoiser, CLIPTextModel(text_cfg), tokenizer, vae)
 
     @classmethod
     def from_config(cls, model_cfg) -> "EmbeddedFlowModel":
         c = model_cfg
-        return cls.build(c.image_size, c.patch_size, c.num_layers, c.num_heads, c.head_dim, c.text_dim, c.text_layers)
+        return cls.build(c.image_size, c.patch_size, c.num_layers, c.num_heads, c.head_dim, c.text_dim, c.text_layers,
+                         c.latent_channels)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None) -> "EmbeddedFlowModel":
@@ -101,7 +126,8 @@ class EmbeddedFlowModel(FlowModel):
         denoiser = SD3Transformer2DModel.from_pretrained(p / "denoiser")
         text_encoder = CLIPTextModel.from_pretrained(p / "text_encoder")
         tokenizer = Tokenizer.from_file(str(p / "tokenizer.json"))
-        return cls(denoiser.eval(), text_encoder.eval(), tokenizer)
+        vae = AutoencoderKL.from_pretrained(p / "vae") if (p / "vae").is_dir() else None
+        return cls(denoiser.eval(), text_encoder.eval(), tokenizer, vae)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the model to `path`, replacing it only once the new copy is complete."""
@@ -112,6 +138,8 @@ class EmbeddedFlowModel(FlowModel):
             self.denoiser.save_pretrained(tmp / "denoiser")
             self.text_encoder.save_pretrained(tmp / "text_encoder")
             self.tokenizer.save(str(tmp / "tokenizer.json"))
+            if self.vae is not None:
+                self.vae.save_pretrained(tmp / "vae")
             (tmp / "fgrpo_model.json").write_text(json.dumps({"kind": "embedded", "state_shape": list(self.state_shape)}))
             if path.exists():
                 old = path.with_name(path.name + ".old")
@@ -129,7 +157,12 @@ class EmbeddedFlowModel(FlowModel):
     @property
     def state_shape(self) -> tuple[int, ...]:
         s = self.denoiser.config.sample_size
-        return (3, s, s)
+        return (self.denoiser.config.in_channels, s, s)
+
+    @property
+    def image_size(self) -> int:
+        s = self.denoiser.config.sample_size
+        return s * VAE_FACTOR if self.vae is not None else s
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         ids = [e.ids for e in self.tokenizer.encode_batch(list(prompts))]
@@ -155,5 +188,17 @@ class EmbeddedFlowModel(FlowModel):
         return out.float()
 
     @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) to flow states: the images themselves, or normalised latents."""
+        if self.vae is None:
+            return images.float()
+        c = self.vae.config
+        return (self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode().float() - c.shift_factor) * c.scaling_factor
+
+    @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().clamp(-1, 1)
+        if self.vae is None:
+            return x.float().clamp(-1, 1)
+        c = self.vae.config
+        z = x.float() / c.scaling_factor + c.shift_factor
+        return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
