@@ -76,7 +76,7 @@ def train_autoencoder(model: EmbeddedFlowModel, cfg: Config, progress: bool = Tr
         _, x = next(stream)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        loss = F.mse_loss(rec, x) + (rec - x).abs().mean() + 1e-4 * post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(rec, x) + F.l1_loss(rec, x) + 1e-4 * post.kl().mean() / x[0].numel()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -93,8 +93,8 @@ def train_autoencoder(model: EmbeddedFlowModel, cfg: Config, progress: bool = Tr
         vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std().clamp_min(1e-6)))
         rec = vae.decode(z).sample.clamp(-1, 1)
         acc = float(shapes.score_images(prompts, shapes.images_to_uint8(rec))["strict"].mean())
-    return {"vae_steps": pc.vae_steps, "vae_loss_start": float(np.mean(losses[:5])), "vae_loss": float(np.mean(losses[-50:])), "vae_seconds": time.time() - t0,
-            "vae_reconstruction_strict": acc}
+    return {"vae_steps": pc.vae_steps, "vae_loss_start": float(np.mean(losses[:5])),
+            "vae_loss": float(np.mean(losses[-50:])), "vae_seconds": time.time() - t0, "vae_reconstruction_strict": acc}
 
 
 def pretrain(cfg: Config, progress: bool = True) -> dict:

@@ -94,7 +94,7 @@ class EmbeddedFlowModel(FlowModel):
             )
             grid, channels = image_size // VAE_FACTOR, latent_channels
         if grid % patch_size:
-            what = "the latent side (image_size / 4)" if latent_channels else "model.image_size"
+            what = f"the latent side (image_size / {VAE_FACTOR})" if latent_channels else "model.image_size"
             raise ValueError(f"{what}={grid} must be a multiple of model.patch_size={patch_size}")
         tokenizer = build_tokenizer()
         text_cfg = CLIPTextConfig(
