@@ -45,7 +45,8 @@ def scene_stream(prompts: list[str], batch_size: int, image_size: int, seed: int
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+        if p.requires_grad:  # frozen parts (a latent model's autoencoder) are already equal
+            e.lerp_(p.detach(), 1 - decay)
 
 
 def lr_schedule(peak: float, warmup: int, steps: int):
