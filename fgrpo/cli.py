@@ -48,7 +48,7 @@ def cmd_pretrain(args) -> None:
 
 def cmd_eval(args) -> None:
     from fgrpo.engine import RolloutEngine
-    from fgrpo.evaluate import evaluate, format_table, resolve_prompts, write_metrics
+    from fgrpo.evaluate import evaluate, format_table, prompt_set_name, resolve_prompts, write_metrics
     from fgrpo.models import load_model
 
     cfg = C.load(args.config, args.overrides)
@@ -60,7 +60,7 @@ def cmd_eval(args) -> None:
     metrics = evaluate(model, cfg.eval, cfg.sample.shift, out_dir=out, progress=cfg.run.progress,
                        engine=RolloutEngine.from_config(model, cfg.sample))
     write_metrics(metrics, out / "metrics.json")
-    print(format_table(metrics, f"held-out strict accuracy ({metrics['num_images']} images, "
+    print(format_table(metrics, f"{prompt_set_name(cfg.eval.prompts)} strict accuracy ({metrics['num_images']} images, "
                                 f"{cfg.eval.num_steps} ODE steps, {metrics['seconds']:.0f}s)"))
     print(f"wrote {out / 'metrics.json'} and {out / 'eval_grid.png'}")
 

@@ -42,6 +42,15 @@ def resolve_prompts(spec: str, shapes_only: bool = False) -> list[str]:
     return [p for _, p in lines]
 
 
+def prompt_set_name(spec: str) -> str:
+    """How a table names the evaluation prompts: 'held-out' for the test set, else which set it is."""
+    if spec == "test":
+        return "held-out"
+    if spec == "train":
+        return "train-prompt"
+    return f"{Path(spec).name} prompt"
+
+
 def accuracy_table(tasks: list[str], strict: np.ndarray, reward: np.ndarray) -> dict:
     per_task = {}
     for t in shapes.TASKS:
@@ -117,6 +126,7 @@ def evaluate(model: FlowModel, eval_cfg, shift: float, out_dir: str | Path | Non
     metrics.update(quality_proxies(images))
     metrics["seconds"] = time.time() - t0
     metrics["num_images"] = len(prompts)
+    metrics["prompts"] = eval_cfg.prompts
     metrics["num_steps"] = eval_cfg.num_steps
     if out_dir is not None and eval_cfg.grid_size:
         # First image of each prompt, spread across tasks.

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fgrpo import config as C
 from fgrpo.engine import RolloutEngine
-from fgrpo.evaluate import evaluate, format_table, resolve_prompts, write_metrics
+from fgrpo.evaluate import evaluate, format_table, prompt_set_name, resolve_prompts, write_metrics
 from fgrpo.grpo import RewardError, clipped_policy_loss, group_advantages, zero_variance_fraction
 from fgrpo.models import load_model
 from fgrpo.models.base import FlowModel, PromptEmbeds
@@ -268,7 +268,7 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
             policy.swap_ema()
         m.update(epoch=epoch, wall=wall)
         evals.append(m)
-        print(format_table(m, f"[{tag}] epoch {epoch}: held-out strict accuracy (EMA weights, {m['seconds']:.0f}s)"))
+        print(format_table(m, f"[{tag}] epoch {epoch}: {prompt_set_name(cfg.eval.prompts)} strict accuracy (EMA weights, {m['seconds']:.0f}s)"))
         return m
 
     metrics_file = out / "metrics.jsonl"

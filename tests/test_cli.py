@@ -26,6 +26,16 @@ def test_eval_writes_metrics_and_grid(tmp_path, tiny_model_dir, capsys):
     assert (out / "eval_grid.png").stat().st_size > 0 and (out / "config.toml").is_file()
     printed = capsys.readouterr().out
     assert "overall" in printed and "counting" in printed
+    # A prompt file is not the held-out set, and the table must not call it that.
+    assert metrics["prompts"] == str(prompts)
+    assert "p.txt prompt strict accuracy" in printed and "held-out" not in printed
+
+
+def test_prompt_set_names():
+    from fgrpo.evaluate import prompt_set_name
+    assert prompt_set_name("test") == "held-out"
+    assert prompt_set_name("train") == "train-prompt"
+    assert prompt_set_name("/tmp/x/position.txt") == "position.txt prompt"
 
 
 def test_sample_writes_images(tmp_path, tiny_model_dir):
