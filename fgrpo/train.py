@@ -271,6 +271,11 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         print(format_table(m, f"[{tag}] epoch {epoch}: {prompt_set_name(cfg.eval.prompts)} strict accuracy (EMA weights, {m['seconds']:.0f}s)"))
         return m
 
+    def checkpoint(done: int) -> None:
+        save_checkpoint(ckpt_path, {"policy": policy.state_dict(), "optimizer": opt.state_dict(), "epoch": done,
+                                    "opt_steps": opt_steps, "wall": wall, "history": history, "evals": evals,
+                                    "config": C.to_dict(cfg)})
+
     metrics_file = out / "metrics.jsonl"
     if not resume:
         metrics_file.write_text("")  # a fresh run's log starts empty, whatever an earlier run left here
@@ -380,13 +385,15 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
             if writer is not None:
                 writer.add_scalar("eval/strict_accuracy", m["strict_accuracy"], done)
         if done == tc.epochs or (rc.checkpoint_every and done % rc.checkpoint_every == 0):
-            save_checkpoint(ckpt_path, {"policy": policy.state_dict(), "optimizer": opt.state_dict(), "epoch": done,
-                                        "opt_steps": opt_steps, "wall": wall, "history": history, "evals": evals,
-                                        "config": C.to_dict(cfg)})
+            checkpoint(done)
 
     # ---- final evaluation and summary
-    after = evals[-1] if evals and evals[-1]["epoch"] == tc.epochs and evals[-1] is not evals[0] else \
-        run_eval(tc.epochs, "eval_after")
+    if evals and evals[-1]["epoch"] == tc.epochs and evals[-1] is not evals[0]:
+        after = evals[-1]
+    else:
+        after = run_eval(tc.epochs, "eval_after")
+        if tc.epochs > 0:  # so a run resumed with more epochs keeps this point on its accuracy curve
+            checkpoint(tc.epochs)
     summary = {"before": evals[0], "after": after, "evals": evals, "train_wall_seconds": wall,
                "epochs": tc.epochs, "time_split": {k: sum(r[k] for r in history) for k in
                                                    ("t_rollout", "t_reward", "t_train")}}

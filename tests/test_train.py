@@ -96,7 +96,9 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_model_dir):
     train(part)
     # Resume with a longer schedule (the saved config is reused, with epochs raised by --set).
     resumed = C.load(tmp_path / "b" / "run" / "config.toml", ["train.epochs=4"])
-    train(resumed, resume=str(tmp_path / "b" / "run"))
+    summary = train(resumed, resume=str(tmp_path / "b" / "run"))
+    # The finished part's final evaluation stays on the continued run's accuracy curve.
+    assert [e["epoch"] for e in summary["evals"]] == [0, 2, 4]
     rows_res = [json.loads(l) for l in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows_res) == 4
     for a, b in zip(rows_full, rows_res):
