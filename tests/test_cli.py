@@ -82,3 +82,16 @@ def test_train_refuses_to_replace_a_run_and_says_how_to_go_on(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("fgrpo: error:") and f"--resume {out}" in err and "--overwrite" in err and "\n" not in err
     assert (out / "checkpoint.pt").read_bytes() == b"an earlier run"
+
+
+def test_accuracy_plot_names_the_prompt_set(tmp_path, monkeypatch):
+    from fgrpo import plot
+    seen = {}
+    monkeypatch.setattr(plot, "line_plot", lambda series, path, **kw: seen.update(kw, series=series))
+    evals = [{"wall": w, "strict_accuracy": a, "prompts": "train", "per_task": {"counting": {"strict_accuracy": a}}}
+             for w, a in ((0.0, 0.25), (10.0, 0.5))]
+    plot.accuracy_plot(evals, tmp_path / "a.png")
+    assert seen["ylabel"] == "train-prompt strict accuracy"
+    assert seen["series"]["overall"] == [(0.0, 0.25), (10.0, 0.5)]
+    plot.accuracy_plot([{k: v for k, v in e.items() if k != "prompts"} for e in evals], tmp_path / "b.png")
+    assert seen["ylabel"] == "held-out strict accuracy"  # runs from before evaluations recorded their prompts
