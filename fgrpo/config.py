@@ -112,7 +112,7 @@ class TrainConfig:
 class RewardConfig:
     name: str = knob("shapes", "Reward: 'shapes' (GenEval-style partial credit), 'shapes_strict', or 'brightness' (test reward).",
                      choices=("shapes", "shapes_strict", "brightness"))
-    prompts: str = knob("train", "Prompt set rollouts draw from: 'train', 'test', or a path to a text file (one prompt per line).")
+    prompts: str = knob("train", "Prompt set rollouts draw from: 'train', 'test', either limited to task types ('train:position', 'train:colors,counting'), or a path to a text file (one prompt per line).")
 
 
 @dataclass
@@ -122,7 +122,7 @@ class EvalConfig:
     images_per_prompt: int = knob(4, "Images per held-out prompt.", ge=1)
     batch_size: int = knob(128, "Images per forward in evaluation.", ge=1)
     every: int = knob(10, "Evaluate every this many epochs during training (0: only before and after).", ge=0)
-    prompts: str = knob("test", "Prompt set: 'test', 'train', or a path to a text file.")
+    prompts: str = knob("test", "Prompt set: 'test', 'train', either limited to task types ('test:position'), or a path to a text file.")
     seed: int = knob(1234, "Seed of the evaluation noise (fixed so evaluations compare).", ge=0)
     grid_size: int = knob(24, "Samples in the saved PNG grid.", ge=0)
 

@@ -20,16 +20,36 @@ from fgrpo.sampling import sample_ode
 from fgrpo.tasks import shapes
 
 
+def _split_spec(spec: str) -> tuple[str, list[str]] | None:
+    """('train' | 'test', task types) for 'train', 'test', 'train:position', 'test:two_object,counting'; None for a file."""
+    split, sep, tasks = spec.partition(":")
+    if split not in ("train", "test"):
+        return None
+    wanted = [t.strip() for t in tasks.split(",") if t.strip()] if sep else []
+    if sep and not wanted:
+        raise UserError(f"prompt set {spec!r} names no task type after ':'; e.g. '{split}:position'")
+    unknown = [t for t in wanted if t not in shapes.TASKS]
+    if unknown:
+        raise UserError(f"prompt set {spec!r}: unknown task type {', '.join(unknown)}; choose from {', '.join(shapes.TASKS)}")
+    return split, wanted
+
+
 def resolve_prompts(spec: str, shapes_only: bool = False) -> list[str]:
-    """'train' / 'test' name the shipped sets; anything else is a text file, one prompt per line.
+    """'train' / 'test' name the shipped sets, 'train:position' (or 'test:colors,counting') their
+    prompts of the named task types; anything else is a text file, one prompt per line.
 
     With `shapes_only` every prompt must follow the shapes grammar (the detector scores it).
     """
-    if spec in ("train", "test"):
-        return shapes.load_prompts(spec)
+    shipped = _split_spec(spec)
+    if shipped is not None:
+        split, wanted = shipped
+        prompts = shapes.load_prompts(split)
+        if wanted:
+            prompts = [p for p in prompts if shapes.parse_prompt(p).task in wanted]
+        return prompts
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found; use 'train', 'test' or a path to a text file")
+        raise FileNotFoundError(f"prompt file {path} not found; use 'train', 'test', 'train:TASK' or a path to a text file")
     lines = [(i + 1, line.strip()) for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
     if not lines:
         raise UserError(f"prompt file {path} holds no prompts")
@@ -44,10 +64,11 @@ def resolve_prompts(spec: str, shapes_only: bool = False) -> list[str]:
 
 def prompt_set_name(spec: str) -> str:
     """How a table names the evaluation prompts: 'held-out' for the test set, else which set it is."""
-    if spec == "test":
-        return "held-out"
-    if spec == "train":
-        return "train-prompt"
+    shipped = _split_spec(spec)
+    if shipped is not None:
+        split, wanted = shipped
+        name = "held-out" if split == "test" else "train-prompt"
+        return f"{name} {'+'.join(wanted)}" if wanted else name
     return f"{Path(spec).name} prompt"
 
 

@@ -225,13 +225,14 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         # The given config governs the continued run (e.g. more epochs); it writes where the run lives.
         cfg = C.from_dict({**C.to_dict(cfg), "run": {**C.to_dict(cfg)["run"], "output_dir": str(out)}})
         sc, tc, rc = cfg.sample, cfg.train, cfg.run
+    # Bad prompt sets fail before anything is written or loaded.
+    pool = resolve_prompts(cfg.reward.prompts, shapes_only=cfg.reward.name.startswith("shapes"))
+    resolve_prompts(cfg.eval.prompts, shapes_only=True)
     out.mkdir(parents=True, exist_ok=True)
     C.save(cfg, out)
     device = torch.device("cuda" if rc.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
     # ---- model, reference, optimizer
-    pool = resolve_prompts(cfg.reward.prompts, shapes_only=cfg.reward.name.startswith("shapes"))
-    resolve_prompts(cfg.eval.prompts, shapes_only=True)  # bad prompt files fail before any work is done
     torch.manual_seed(sc.seed)
     model = load_model(cfg.model, device)
     model.eval()

@@ -36,6 +36,23 @@ def test_prompt_set_names():
     assert prompt_set_name("test") == "held-out"
     assert prompt_set_name("train") == "train-prompt"
     assert prompt_set_name("/tmp/x/position.txt") == "position.txt prompt"
+    assert prompt_set_name("test:position") == "held-out position"
+    assert prompt_set_name("train:colors,counting") == "train-prompt colors+counting"
+
+
+def test_prompt_sets_limited_to_task_types():
+    from fgrpo.evaluate import resolve_prompts
+    from fgrpo.tasks import shapes
+    for split in ("train", "test"):
+        everything = resolve_prompts(split)
+        position = resolve_prompts(f"{split}:position")
+        two = resolve_prompts(f"{split}: colors , counting")
+        assert position and all(shapes.parse_prompt(p).task == "position" for p in position)
+        assert position == [p for p in everything if shapes.parse_prompt(p).task == "position"]
+        assert {shapes.parse_prompt(p).task for p in two} == {"colors", "counting"}
+        assert len(two) == sum(shapes.parse_prompt(p).task in ("colors", "counting") for p in everything)
+    # the held-out prompts stay held out when limited
+    assert not set(resolve_prompts("test:position")) & set(resolve_prompts("train:position"))
 
 
 def test_sample_writes_images(tmp_path, tiny_model_dir):
@@ -50,6 +67,9 @@ def test_sample_writes_images(tmp_path, tiny_model_dir):
     (["eval", str(ROOT / "configs" / "geneval.toml"), "--set", "train.lr=-1"], "train.lr"),
     (["eval", str(ROOT / "configs" / "geneval.toml"), "--set", 'model.path="/no/such/dir"'], "/no/such/dir"),
     (["eval", str(ROOT / "configs" / "geneval.toml"), "--set", 'eval.prompts="/no/prompts.txt"'], "/no/prompts.txt"),
+    (["eval", str(ROOT / "configs" / "geneval.toml"), "--set", 'eval.prompts="test:positions"'], "unknown task type positions"),
+    (["eval", str(ROOT / "configs" / "geneval.toml"), "--set", 'eval.prompts="test:"'], "names no task type"),
+    (["eval", str(ROOT / "configs" / "geneval.toml"), "--set", 'eval.prompts="test:colour"'], "choose from single_object"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, needle, capsys):
     assert main(argv) == 2
@@ -71,6 +91,7 @@ def test_bad_prompt_files_name_the_line_to_fix(tmp_path, capsys, command, lines,
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fgrpo: error:") and needle in err and "\n" not in err
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
 
 
 def test_train_refuses_to_replace_a_run_and_says_how_to_go_on(tmp_path, capsys):
