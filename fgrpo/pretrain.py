@@ -59,6 +59,13 @@ def lr_schedule(peak: float, warmup: int, steps: int):
     return lr_at
 
 
+def report_step(desc: str, step: int, total: int, losses: list[float], t0: float, progress: bool) -> None:
+    """Without a progress bar, one line per tenth of a stage, so a long run is never silent."""
+    if progress or (step + 1) % max(1, total // 10) and step + 1 != total:
+        return
+    print(f"{desc}: step {step + 1}/{total} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f}s)", flush=True)
+
+
 def train_autoencoder(model: EmbeddedFlowModel, cfg: Config, progress: bool = True) -> dict:
     """Fit the model's AutoencoderKL to rendered scenes, freeze it and set its latent normalisation.
 
@@ -86,6 +93,7 @@ def train_autoencoder(model: EmbeddedFlowModel, cfg: Config, progress: bool = Tr
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        report_step("autoencoder", step, pc.vae_steps, losses, t0, progress)
     bar.close()
     vae.requires_grad_(False).eval()
     with torch.no_grad():
@@ -138,6 +146,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        report_step("pretrain", step, pc.steps, losses, t0, progress)
     bar.close()
     ema.save_pretrained(pc.out)
     summary = {**vae_summary, "steps": pc.steps, "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0,

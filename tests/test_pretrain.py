@@ -18,12 +18,15 @@ def tiny_pretrain_cfg(tmp_path, *extra):
     return C.load(None, sets)
 
 
-def test_pretrain_writes_a_loadable_pixel_model(tmp_path):
-    summary = pretrain(tiny_pretrain_cfg(tmp_path, "model.patch_size=4"), progress=False)
+def test_pretrain_writes_a_loadable_pixel_model(tmp_path, capsys):
+    summary = pretrain(tiny_pretrain_cfg(tmp_path, "model.patch_size=4", "pretrain.steps=20"), progress=False)
+    # Without a progress bar a line per tenth of the run says how far it is.
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pretrain: step")]
+    assert [line.split()[2] for line in lines] == [f"{k}/20" for k in range(2, 21, 2)]
     m = EmbeddedFlowModel.from_pretrained(tmp_path / "model")
     assert m.vae is None and m.state_shape == (3, 16, 16)
-    assert summary["steps"] == 4 and torch.isfinite(torch.tensor(summary["final_loss"]))
-    assert json.loads((tmp_path / "run" / "pretrain.json").read_text())["steps"] == 4
+    assert summary["steps"] == 20 and torch.isfinite(torch.tensor(summary["final_loss"]))
+    assert json.loads((tmp_path / "run" / "pretrain.json").read_text())["steps"] == 20
 
 
 def test_pretrain_of_a_latent_model_fits_the_autoencoder_and_normalises_its_latents(tmp_path):
