@@ -61,7 +61,7 @@ def lr_schedule(peak: float, warmup: int, steps: int):
 
 def report_step(desc: str, step: int, total: int, losses: list[float], t0: float, progress: bool) -> None:
     """Without a progress bar, one line per tenth of a stage, so a long run is never silent."""
-    if progress or (step + 1) % max(1, total // 10) and step + 1 != total:
+    if progress or ((step + 1) % max(1, total // 10) and step + 1 != total):
         return
     print(f"{desc}: step {step + 1}/{total} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f}s)", flush=True)
 
