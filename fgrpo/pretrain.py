@@ -5,7 +5,9 @@ denoiser and text encoder together on correct renderings of the *train* prompts
 (held-out prompts are never rendered), and writes the EMA weights. Task types are
 sampled uniformly so the small single-object set is not drowned out. A latent model
 (`model.latent_channels > 0`) first trains its autoencoder on the same scenes, then
-freezes it and runs flow matching on its normalised latents.
+freezes it and runs flow matching on its normalised latents. `pretrain.init` continues from
+an existing model instead; `pretrain.caption_noise` draws a share of the compositional
+scenes wrong for their captions, for a base as weak at composition as web-trained models.
 """
 
 from __future__ import annotations
@@ -22,22 +24,31 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fgrpo.config import Config, save
+from fgrpo.config import Config, UserError, save
 from fgrpo.models.embedded import EmbeddedFlowModel
 from fgrpo.tasks import shapes
 
 
-def scene_stream(prompts: list[str], batch_size: int, image_size: int, seed: int):
-    """Endless batches of (prompts, images in [-1, 1]) with task types drawn uniformly."""
+def scene_stream(prompts: list[str], batch_size: int, image_size: int, seed: int, caption_noise: float = 0.0):
+    """Endless batches of (prompts, images in [-1, 1]) with task types drawn uniformly.
+
+    With `caption_noise` > 0, each scene is drawn, with that probability, for a miscaptioned
+    version of its prompt (`shapes.miscaption`) while the batch keeps the true prompt.
+    """
     by_task: dict[str, list[str]] = {}
     for p in prompts:
         by_task.setdefault(shapes.parse_prompt(p).task, []).append(p)
     tasks = sorted(by_task)
     rng = random.Random(seed)
+    noise_rng = np.random.default_rng(seed + 104_729)
     step = 0
     while True:
         batch = [rng.choice(by_task[rng.choice(tasks)]) for _ in range(batch_size)]
-        images = shapes.render_batch(batch, seed=seed * 7_919 + step, size=image_size)
+        scenes: list = batch
+        if caption_noise > 0:
+            wrong = noise_rng.random(batch_size) < caption_noise
+            scenes = [shapes.miscaption(shapes.parse_prompt(p), noise_rng) if w else p for p, w in zip(batch, wrong)]
+        images = shapes.render_batch(scenes, seed=seed * 7_919 + step, size=image_size)
         yield batch, shapes.uint8_to_tensor(images)
         step += 1
 
@@ -109,8 +120,17 @@ def train_autoencoder(model: EmbeddedFlowModel, cfg: Config, progress: bool = Tr
 def pretrain(cfg: Config, progress: bool = True) -> dict:
     pc = cfg.pretrain
     torch.manual_seed(pc.seed)
-    model = EmbeddedFlowModel.from_config(cfg.model)
-    vae_summary = train_autoencoder(model, cfg, progress) if model.vae is not None else {}
+    if pc.init:  # continue from a pretrained model; its autoencoder (if any) stays as it is
+        if not (Path(pc.init) / "fgrpo_model.json").is_file():
+            raise UserError(f"pretrain.init: no model at {pc.init} (fgrpo_model.json missing); pretrain one first "
+                            "(e.g. `fgrpo pretrain configs/pretrain_latent.toml`) or fix the path")
+        model = EmbeddedFlowModel.from_pretrained(pc.init)
+        if model.vae is not None:
+            model.vae.requires_grad_(False)
+        vae_summary = {"init": pc.init}
+    else:
+        model = EmbeddedFlowModel.from_config(cfg.model)
+        vae_summary = train_autoencoder(model, cfg, progress) if model.vae is not None else {}
     model.text_encoder.requires_grad_(True)
     model.train()
     ema = copy.deepcopy(model).eval()
@@ -119,7 +139,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
 
     lr_at = lr_schedule(pc.lr, pc.warmup, pc.steps)
 
-    stream = scene_stream(shapes.load_prompts("train"), pc.batch_size, cfg.model.image_size, pc.seed)
+    stream = scene_stream(shapes.load_prompts("train"), pc.batch_size, model.image_size, pc.seed, pc.caption_noise)
     gen = torch.Generator().manual_seed(pc.seed)
     losses = []
     t0 = time.time()

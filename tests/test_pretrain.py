@@ -58,3 +58,47 @@ def test_the_latent_pretrain_command_reports_both_stages(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "autoencoder: 2 steps" in out and "pretrained 2 steps" in out
     assert EmbeddedFlowModel.from_pretrained(tmp_path / "model").state_shape == (4, 4, 4)
+
+
+def test_caption_noise_draws_that_share_of_scenes_wrong_and_keeps_the_true_captions():
+    from fgrpo.pretrain import scene_stream
+
+    prompts = shapes.load_prompts("train")
+    for noise, lo, hi in ((0.0, 1.0, 1.0), (0.5, 0.5, 0.8), (1.0, 1 / 3 - 0.1, 1 / 3 + 0.1)):
+        batch, x = next(scene_stream(prompts, 256, 32, seed=2, caption_noise=noise))
+        assert set(batch) <= set(prompts)
+        strict = shapes.score_images(batch, shapes.images_to_uint8(x))["strict"].mean()
+        # Task types are drawn uniformly and two of six (single objects, colours) stay exact.
+        assert lo <= strict <= hi, (noise, strict)
+
+
+def test_pretrain_can_continue_from_a_model_and_keeps_its_autoencoder(tmp_path):
+    first = tmp_path / "first"
+    pretrain(tiny_pretrain_cfg(first, "model.latent_channels=4", "model.patch_size=1", "pretrain.vae_steps=2"),
+             progress=False)
+    base = EmbeddedFlowModel.from_pretrained(first / "model")
+    # The model.* shape settings are ignored: the model comes from `init`.
+    summary = pretrain(tiny_pretrain_cfg(tmp_path, "model.image_size=32", f'pretrain.init="{first / "model"}"',
+                                         "pretrain.caption_noise=0.5"), progress=False)
+    assert summary["init"] == str(first / "model") and "vae_steps" not in summary
+    tuned = EmbeddedFlowModel.from_pretrained(tmp_path / "model")
+    assert tuned.state_shape == base.state_shape == (4, 4, 4)
+    for a, b in zip(base.vae.state_dict().values(), tuned.vae.state_dict().values()):
+        assert torch.equal(a, b)
+    moved = [not torch.equal(a, b) for a, b in zip(base.denoiser.state_dict().values(),
+                                                   tuned.denoiser.state_dict().values())]
+    assert any(moved)
+
+
+def test_a_missing_init_model_is_a_one_line_error_naming_the_setting(tmp_path):
+    from fgrpo.config import UserError
+
+    cfg = tiny_pretrain_cfg(tmp_path, f'pretrain.init="{tmp_path / "nowhere"}"')
+    try:
+        pretrain(cfg, progress=False)
+    except UserError as e:
+        msg = str(e)
+    else:
+        raise AssertionError("pretrain ran without the init model")
+    assert "pretrain.init" in msg and "nowhere" in msg and "\n" not in msg
+    assert not (tmp_path / "model").exists()

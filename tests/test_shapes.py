@@ -248,3 +248,18 @@ def test_tensor_conversions_round_trip():
     out = S.images_to_uint8(torch.tensor([[[[-3.0, 0.0, 5.0]]] * 3]))
     assert out.shape == (1, 1, 3, 3) and out.dtype == np.uint8
     assert out[0, 0, :, 0].tolist() == [0, 128, 255]
+
+
+@pytest.mark.parametrize("task", S.TASKS)
+def test_miscaptioned_scenes_fail_compositional_prompts_and_keep_simple_ones(task):
+    rng = np.random.default_rng(3)
+    prompts = S.all_prompts(task)[:12]
+    specs = [S.miscaption(S.parse_prompt(p), rng) for p in prompts]
+    strict = S.score_images(prompts, S.render_batch(specs, seed=7))["strict"]
+    if task in ("single_object", "colors"):
+        assert strict.all()  # alt-text gets these right: the scene is the prompt's
+    else:
+        assert not strict.any()  # every miscaptioned scene is wrong for its caption
+    # The error is a near miss, not an unrelated scene: the shapes stay those of the prompt.
+    for p, s in zip(prompts, specs):
+        assert {o.shape for o in s.objects} <= {o.shape for o in S.parse_prompt(p).objects}

@@ -257,6 +257,29 @@ def _draw_scene(objects: list[tuple[str, tuple[int, int, int]]], centres: np.nda
     return np.asarray(canvas.resize((size, size), Image.Resampling.BOX))
 
 
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def miscaption(spec: PromptSpec, rng: np.random.Generator) -> PromptSpec:
+    """A scene a sloppy caption of `spec` might describe: the error a web caption makes.
+
+    Two objects lose one, a count is off, a relation is reversed, two colours are swapped.
+    Single objects and single colours come back unchanged: alt-text gets those right, and
+    SD-class base models are strong at exactly these GenEval tasks.
+    """
+    o = spec.objects
+    if spec.task == "two_object":
+        return PromptSpec("single_object", (o[int(rng.integers(2))],))
+    if spec.task == "counting":
+        other = [n for n in NUMBERS if n != o[0].count]
+        return PromptSpec("counting", (ObjectSpec(o[0].shape, count=int(rng.choice(other))),))
+    if spec.task == "position":
+        return PromptSpec("position", o, _OPPOSITE[spec.relation])
+    if spec.task == "color_attr":
+        return PromptSpec("color_attr", (ObjectSpec(o[0].shape, o[1].color), ObjectSpec(o[1].shape, o[0].color)))
+    return spec
+
+
 def render(prompt_or_spec: str | PromptSpec, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     """A correct scene for the prompt: uint8 (size, size, 3), shapes on black."""
     spec = parse_prompt(prompt_or_spec) if isinstance(prompt_or_spec, str) else prompt_or_spec
@@ -268,8 +291,8 @@ def render(prompt_or_spec: str | PromptSpec, rng: np.random.Generator, size: int
     return _draw_scene(objects, centres, sides, size)
 
 
-def render_batch(prompts: list[str], seed: int, size: int = 32) -> np.ndarray:
-    """uint8 (N, size, size, 3) scenes for the prompts, from one generator seeded by `seed`."""
+def render_batch(prompts: list[str | PromptSpec], seed: int, size: int = 32) -> np.ndarray:
+    """uint8 (N, size, size, 3) scenes for the prompts (or specs), from one generator seeded by `seed`."""
     rng = np.random.default_rng(seed)
     out = np.zeros((len(prompts), size, size, 3), np.uint8)
     for i, p in enumerate(prompts):
