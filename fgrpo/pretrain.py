@@ -127,10 +127,10 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
         model = EmbeddedFlowModel.from_pretrained(pc.init)
         if model.vae is not None:
             model.vae.requires_grad_(False)
-        vae_summary = {"init": pc.init}
+        first_stage = {"init": pc.init}
     else:
         model = EmbeddedFlowModel.from_config(cfg.model)
-        vae_summary = train_autoencoder(model, cfg, progress) if model.vae is not None else {}
+        first_stage = train_autoencoder(model, cfg, progress) if model.vae is not None else {}
     model.text_encoder.requires_grad_(True)
     model.train()
     ema = copy.deepcopy(model).eval()
@@ -169,7 +169,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
         report_step("pretrain", step, pc.steps, losses, t0, progress)
     bar.close()
     ema.save_pretrained(pc.out)
-    summary = {**vae_summary, "steps": pc.steps, "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0,
+    summary = {**first_stage, "steps": pc.steps, "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0,
                "out": str(pc.out)}
     out_dir = Path(cfg.run.output_dir)
     save(cfg, out_dir)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from fgrpo import config as C
@@ -94,11 +95,8 @@ def test_a_missing_init_model_is_a_one_line_error_naming_the_setting(tmp_path):
     from fgrpo.config import UserError
 
     cfg = tiny_pretrain_cfg(tmp_path, f'pretrain.init="{tmp_path / "nowhere"}"')
-    try:
+    with pytest.raises(UserError) as e:
         pretrain(cfg, progress=False)
-    except UserError as e:
-        msg = str(e)
-    else:
-        raise AssertionError("pretrain ran without the init model")
+    msg = str(e.value)
     assert "pretrain.init" in msg and "nowhere" in msg and "\n" not in msg
     assert not (tmp_path / "model").exists()
