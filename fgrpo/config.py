@@ -68,6 +68,10 @@ class SampleConfig:
     batch_size: int = knob(32, "Images per model forward in rollouts; training uses the same size on purpose.", ge=1)
     sde_window: int = knob(0, "If > 0, only this many consecutive steps are stochastic and trained; the rest run the ODE.", ge=0)
     shared_group_noise: bool = knob(False, "Give the images of a group one initial noise, so rewards within a group differ only through the SDE noise the policy is trained on.")
+    noise_block: int = knob(1, "SDE noise drawn once per noise_block x noise_block tile of the state (per channel) "
+                            "and repeated inside it; the policy is the Gaussian of the tiles' means. 1 = white noise "
+                            "(the paper). Larger tiles explore in fewer, coarser dimensions, which small batches "
+                            "estimate better; must divide the state's height and width.", ge=1)
     window_range: list = knob([0, 5], "Steps [first, last) from which the SDE window's start is drawn each epoch.")
     seed: int = knob(0, "Seed for prompt choice and noise; a run is reproducible for a given seed.", ge=0)
     sde_backend: str = knob("auto", "SDE step implementation: 'auto' (the fused op: Triton on CUDA, native C++ on "

@@ -128,14 +128,15 @@ class RolloutEngine:
     """
 
     def __init__(self, model: FlowModel, *, cuda_graph: bool = True, compile: str = "none",
-                 sde_backend: str = "auto"):
+                 sde_backend: str = "auto", noise_block: int = 1):
         if compile not in COMPILE_MODES:
             raise ValueError(f"sample.compile={compile!r} is not one of {', '.join(map(repr, COMPILE_MODES))}")
         self.model = model
         self.device = next(model.denoiser.parameters()).device
         self.compile = compile
         self.sde_backend = sde_backend
-        self._sde_step = sde_step_fn(sde_backend)
+        self.noise_block = noise_block
+        self._sde_step = sde_step_fn(sde_backend, noise_block)
         impl = self._sde_impl()
         self._seeded = self._in_kernel_noise(impl)
         self._velocity = model.velocity if compile == "none" else \
@@ -149,7 +150,7 @@ class RolloutEngine:
     @classmethod
     def from_config(cls, model: FlowModel, sample_cfg) -> "RolloutEngine":
         return cls(model, cuda_graph=sample_cfg.cuda_graph, compile=sample_cfg.compile,
-                   sde_backend=sample_cfg.sde_backend)
+                   sde_backend=sample_cfg.sde_backend, noise_block=sample_cfg.noise_block)
 
     def _sde_impl(self) -> str:
         if self.sde_backend == "reference":
@@ -163,7 +164,7 @@ class RolloutEngine:
 
     def _in_kernel_noise(self, impl: str) -> bool:
         """Whether SDE noise can come from a device-tensor seed (Philox in the kernel): CUDA with the Triton op."""
-        return self.device.type == "cuda" and impl == "triton"
+        return self.device.type == "cuda" and impl == "triton" and self.noise_block == 1
 
     def _why_eager(self, cuda_graph: bool, impl: str) -> str | None:
         """Why this engine cannot use CUDA graphs, or None when it can."""
@@ -171,6 +172,8 @@ class RolloutEngine:
             return "sample.cuda_graph is false"
         if self.device.type != "cuda":
             return f"the model is on the {self.device.type}, and CUDA graphs need a CUDA device"
+        if not self._seeded and self.noise_block > 1:
+            return "sample.noise_block > 1 draws block noise on the host; a captured rollout needs in-kernel noise"
         if not self._seeded:
             return (f"sample.sde_backend={self.sde_backend!r} runs the {impl!r} SDE step, which draws noise on the "
                     "host; a captured rollout needs the fused Triton op's in-kernel noise ('auto' with triton)")

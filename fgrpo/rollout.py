@@ -30,18 +30,18 @@ class Trajectory:
 def rollout(model: FlowModel, cond: PromptEmbeds, uncond: PromptEmbeds | None, sigmas: torch.Tensor,
             sde_steps: list[int], *, guidance_scale: float, noise_level: float, kind: str, reduce: str,
             batch_size: int, seed: int, noise_seed_offset: int = 0, backend: str = "auto",
-            share_initial_noise: int = 1, progress=None) -> Trajectory:
+            share_initial_noise: int = 1, noise_block: int = 1, progress=None) -> Trajectory:
     """Sample len(cond) trajectories in batches of `batch_size` (the eager reference).
 
     Initial noise is per image (seed, index), or per run of `share_initial_noise` images;
     SDE noise comes from one generator per batch seeded from (seed, batch index), so a
-    rollout is reproducible.
+    rollout is reproducible; `noise_block` > 1 draws it as `fgrpo.sde.block_noise`.
     `fgrpo.engine.RolloutEngine` runs the same steps, captured as a CUDA graph on GPU.
     """
     n = cond.tokens.shape[0]
     device = cond.tokens.device
     num_steps = sigmas.numel() - 1
-    sde_step = sde_step_fn(backend)
+    sde_step = sde_step_fn(backend, noise_block)
     states = torch.empty((n, num_steps + 1, *model.state_shape), dtype=torch.float32, device=device)
     log_probs = torch.zeros((n, num_steps), dtype=torch.float32, device=device)
     for b, start in enumerate(range(0, n, batch_size)):

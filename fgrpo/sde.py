@@ -107,16 +107,67 @@ def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tenso
     return d.mean(dim=tuple(range(1, d.dim())))
 
 
-def sde_step_fn(backend: str = "reference"):
+def block_noise(shape, block: int, *, generator: torch.Generator | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Standard normal noise that is constant over `block` x `block` tiles of the last two dims.
+
+    Each element keeps variance 1, but only (H / block) x (W / block) numbers per channel are
+    drawn: the exploration of a step lives in a low-dimensional, low-frequency space.
+    """
+    *lead, h, w = shape
+    if block < 1 or h % block or w % block:
+        raise ValueError(f"sample.noise_block={block} must divide the state's height and width ({h}x{w})")
+    z = torch.randn((*lead, h // block, w // block), generator=generator, device=device, dtype=torch.float32)
+    return z.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
+
+
+def block_log_prob(next_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, block: int, *,
+                   noise_level: float, kind: str = "sde", reduce: str = "mean") -> torch.Tensor:
+    """Log-prob of a block-noise transition: the Gaussian density of its block means.
+
+    With noise from `block_noise`, the transition's block means are N(block mean of `mean`,
+    std^2) and determine it; this is their log-density, reduced like `sde_step`'s ("cps": the
+    negative squared distance, as there). The trained policy is this low-dimensional Gaussian.
+    """
+    if noise_level == 0.0:
+        return torch.zeros(next_sample.shape[0], device=next_sample.device)
+    d = next_sample.detach().float() - mean
+    *lead, h, w = d.shape
+    d = d.reshape(*lead, h // block, block, w // block, block).mean(dim=(-3, -1))
+    if kind == "cps":
+        return _reduce(-(d**2), reduce)
+    safe = std.clamp_min(torch.finfo(torch.float32).tiny)
+    return _reduce(-(d**2) / (2 * safe**2) - torch.log(safe) - _LOG_SQRT_2PI, reduce)
+
+
+def sde_step_fn(backend: str = "reference", noise_block: int = 1):
     """The SDE step for a `sample.sde_backend` setting: this module's reference, or the fused op.
 
     The fused op (`fgrpo.kernels`) is imported only when asked for, so the default path never
-    loads it.
+    loads it. With `noise_block` > 1 (`sample.noise_block`) the step draws `block_noise` from
+    its generator and reports `block_log_prob`; mean and std are the plain step's.
     """
     if backend == "reference":
-        return sde_step
-    import functools
+        fn = sde_step
+    else:
+        import functools
 
-    from fgrpo.kernels import sde_step as fused
+        from fgrpo.kernels import sde_step as fused
 
-    return functools.partial(fused, backend=backend)
+        fn = functools.partial(fused, backend=backend)
+    if noise_block == 1:
+        return fn
+
+    def block_step(x, v, sigma, sigma_next, *, noise_level, kind="sde", noise=None, next_sample=None,
+                   reduce="mean", generator=None, **in_kernel):
+        if in_kernel:
+            raise ValueError("sample.noise_block > 1 draws its noise on the host; in-kernel noise cannot give it")
+        if noise is None and next_sample is None:
+            noise = block_noise(x.shape, noise_block, generator=generator, device=x.device)
+        out = fn(x, v, sigma, sigma_next, noise_level=noise_level, kind=kind, noise=noise, next_sample=next_sample,
+                 reduce=reduce)
+        lp = block_log_prob(out.next_sample, out.mean, out.std, noise_block, noise_level=noise_level, kind=kind,
+                            reduce=reduce)
+        return SDEStep(out.next_sample, lp, out.mean, out.std)
+
+    return block_step

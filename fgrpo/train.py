@@ -150,7 +150,7 @@ def train_on_batch(policy: Policy, traj, sl: slice, steps: list[int], adv: torch
     u = uncond.index(slice(0, sl.stop - sl.start)) if uncond is not None else None
     c = cond.index(sl)
     stats = {"ratio": [], "clipped": [], "kl": [], "loss": []}
-    sde_step = sde_step_fn(sc.sde_backend)
+    sde_step = sde_step_fn(sc.sde_backend, sc.noise_block)
     for j in steps:
         x, x_next = traj.states[sl, j], traj.states[sl, j + 1]
         s, s_next = traj.sigmas[j], traj.sigmas[j + 1]

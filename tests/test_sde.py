@@ -141,3 +141,40 @@ def test_bad_arguments_raise():
         sde_step(x, x, 0.5, 0.4, noise_level=0.7, reduce="max")
     with pytest.raises(ValueError, match="sigma must be"):
         sde_step(x, x, torch.ones(3) * 0.5, 0.4, noise_level=0.7)
+
+
+def test_block_noise_is_constant_on_tiles_and_standard_normal():
+    from fgrpo.sde import block_noise
+
+    n = block_noise((64, 4, 8, 8), 4, generator=torch.Generator().manual_seed(0))
+    tiles = n.reshape(64, 4, 2, 4, 2, 4)
+    assert torch.equal(tiles, tiles[:, :, :, :1, :, :1].expand_as(tiles))  # one number per 4x4 tile
+    z = tiles[:, :, :, 0, :, 0]
+    assert abs(z.mean().item()) < 0.1 and abs(z.std().item() - 1) < 0.1
+    with pytest.raises(ValueError, match="noise_block=3"):
+        block_noise((1, 4, 8, 8), 3)
+
+
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+def test_block_step_log_prob_is_density_of_tile_means(kind):
+    from fgrpo.sde import sde_step_fn
+
+    torch.manual_seed(3)
+    x, v = torch.randn(5, 2, 4, 4), torch.randn(5, 2, 4, 4)
+    step = sde_step_fn("reference", noise_block=2)
+    out = step(x, v, 0.8, 0.6, noise_level=0.7, kind=kind, generator=torch.Generator().manual_seed(1))
+    plain = sde_step(x, v, 0.8, 0.6, noise_level=0.7, kind=kind, next_sample=out.next_sample)
+    assert torch.allclose(out.mean, plain.mean) and torch.equal(out.std, plain.std)
+    # Independent formula: the 2x2 tile means of (x_next - mean) are N(0, std^2), 8 numbers per sample.
+    d = torch.nn.functional.avg_pool2d(out.next_sample - out.mean, 2)
+    std = out.std.reshape(-1, 1, 1, 1)
+    if kind == "sde":
+        want = (-(d**2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)).flatten(1)
+    else:
+        want = -(d**2).flatten(1)
+    assert torch.allclose(out.log_prob, want.mean(1), atol=1e-5)
+    again = step(x, v, 0.8, 0.6, noise_level=0.7, kind=kind, next_sample=out.next_sample, reduce="sum")
+    assert torch.allclose(again.log_prob, want.sum(1), atol=1e-4)
+    # The noise itself is constant on tiles.
+    eps = (out.next_sample - out.mean) / std
+    assert torch.allclose(eps, eps[:, :, ::2, ::2].repeat_interleave(2, -2).repeat_interleave(2, -1), atol=1e-5)

@@ -40,7 +40,7 @@ def one_rollout(cfg):
     uncond = unconditional(model, sc.batch_size)
     traj = rollout(model, cond, uncond, sigmas, list(range(sc.num_steps)), guidance_scale=sc.guidance_scale,
                    noise_level=sc.noise_level, kind=sc.kind, reduce=cfg.train.logprob_reduce,
-                   batch_size=sc.batch_size, seed=0, backend=sc.sde_backend)
+                   batch_size=sc.batch_size, seed=0, backend=sc.sde_backend, noise_block=sc.noise_block)
     return policy, traj, cond, uncond
 
 
@@ -60,6 +60,30 @@ def test_ratio_is_one_and_kl_zero_before_first_update(tmp_path, tiny_model_dir, 
     check_on_policy(ratio, cfg.train.ratio_tol, 0)  # does not raise
     grads = [p.grad for p in policy.params.values() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_block_noise_rollouts_are_on_policy_and_train(tmp_path, tiny_model_dir, backend):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, sample__noise_block=8, train__beta=0.1, train__logprob_reduce='"mean"',
+                   sample__sde_backend=f'"{backend}"')
+    policy, traj, cond, uncond = one_rollout(cfg)
+    # The SDE increments are constant on 8x8 tiles: exploration lives in (32 / 8)^2 numbers per channel.
+    from fgrpo.sampling import guided_velocity
+    from fgrpo.sde import sde_step
+
+    x = traj.states[:, 1]
+    with torch.no_grad():
+        v = guided_velocity(policy.model, x, traj.sigmas[1], cond.index(slice(0, 4)), uncond, cfg.sample.guidance_scale)
+    plain = sde_step(x, v, traj.sigmas[1], traj.sigmas[2], noise_level=cfg.sample.noise_level)
+    d = traj.states[:, 2] - plain.mean
+    tile = d[..., :8, :8]
+    assert torch.allclose(tile, tile[..., :1, :1].expand_as(tile), atol=1e-4) and d.abs().max() > 1e-3
+    s = train_on_batch(policy, traj, slice(0, 4), [0, 1, 2], torch.tensor([1.0, -1.0, 0.5, -0.5]), cond, uncond,
+                       cfg, 1.0)
+    assert (torch.cat(s["ratio"]) - 1).abs().max() < 1e-5
+    assert max(float(k) for k in s["kl"]) < 1e-10
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.params.values())
+    train(tiny_cfg(tmp_path / "run2", tiny_model_dir, sample__noise_block=8, train__epochs=2))  # the ratio check passes
 
 
 def test_ratio_check_fires_on_a_mismatched_policy(tmp_path, tiny_model_dir):
