@@ -236,6 +236,11 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     torch.manual_seed(sc.seed)
     model = load_model(cfg.model, device)
     model.eval()
+    h, w = model.state_shape[-2:]
+    if h % sc.noise_block or w % sc.noise_block:
+        divisors = ", ".join(str(k) for k in range(1, min(h, w) + 1) if h % k == 0 and w % k == 0)
+        raise C.ConfigError(f"sample.noise_block={sc.noise_block} must divide the model's {h}x{w} state; "
+                            f"use one of {divisors}")
     policy = Policy(model, tc)
     # After Policy: a captured graph bakes in the module structure (LoRA adapters included);
     # weights may change in place (optimizer steps, EMA swaps) and replays see them.
