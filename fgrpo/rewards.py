@@ -64,3 +64,26 @@ def quality_proxies(images: np.ndarray) -> dict:
     h, w = x.shape[1:3]
     blur = sum(pad[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
     return {"hf_energy": float(np.abs(x - blur).mean()), "fg_fraction": float((images.max(-1) > 90).mean())}
+
+
+# How far an evaluation's image statistics may move from the run's first evaluation before
+# `quality_drift` flags it: (metric, lowest ratio, highest ratio).
+DRIFT_LIMITS = (("diversity", 0.8, None), ("hf_energy", None, 1.5), ("fg_fraction", 0.67, 1.5))
+
+
+def quality_drift(base: dict, now: dict) -> list[str]:
+    """The image-quality proxies of `now` that left DRIFT_LIMITS relative to `base`, as readable phrases.
+
+    A reward that rises while these move (more speckle, many more or fewer foreground pixels,
+    samples of a prompt converging) is the usual sign of reward hacking; the run goes on, the
+    trainer prints the phrases so the user can look at the sample grids.
+    """
+    out = []
+    for key, lo, hi in DRIFT_LIMITS:
+        b, n = base.get(key), now.get(key)
+        if b is None or n is None or b <= 0:
+            continue
+        r = n / b
+        if (lo is not None and r < lo) or (hi is not None and r > hi):
+            out.append(f"{key} {n:.4g} is {r:.2f}x its first evaluation's {b:.4g}")
+    return out

@@ -28,7 +28,7 @@ from fgrpo.models import load_model
 from fgrpo.models.base import FlowModel, PromptEmbeds
 from fgrpo.plot import accuracy_plot
 from fgrpo.profiling import nvtx_range
-from fgrpo.rewards import get_reward, group_diversity, quality_proxies
+from fgrpo.rewards import get_reward, group_diversity, quality_drift, quality_proxies
 from fgrpo.sampling import flow_sigmas, guided_velocity, unconditional
 from fgrpo.sde import kl_to_reference, sde_step_fn
 from fgrpo.tasks import shapes
@@ -275,6 +275,11 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         m.update(epoch=epoch, wall=wall)
         evals.append(m)
         print(format_table(m, f"[{tag}] epoch {epoch}: {prompt_set_name(cfg.eval.prompts)} strict accuracy (EMA weights, {m['seconds']:.0f}s)"))
+        drift = quality_drift(evals[0], m) if len(evals) > 1 else []
+        if drift:
+            m["quality_drift"] = drift
+            msg = "; ".join(drift)
+            print(f"warning: image-quality proxies moved (possible reward hacking, look at {tag}_grid.png): {msg}")
         return m
 
     def checkpoint(done: int) -> None:

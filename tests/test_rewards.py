@@ -1,0 +1,53 @@
+"""Rewards and the reward-hacking guards: diversity within groups, image-quality proxies, their drift."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fgrpo.rewards import get_reward, group_diversity, quality_drift, quality_proxies
+from fgrpo.tasks import shapes as S
+
+
+@pytest.fixture(scope="module")
+def scenes() -> np.ndarray:
+    prompts = [p for p in S.load_prompts("train")[:4] for _ in range(4)]
+    return S.render_batch(prompts, seed=3)
+
+
+def speckle(images: np.ndarray, seed: int = 0, amount: float = 60.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(images.astype(np.float32) + rng.normal(0, amount, images.shape), 0, 255).astype(np.uint8)
+
+
+def test_group_diversity_is_zero_for_copies_and_grows_with_differences(scenes):
+    copies = np.repeat(scenes[:4], 4, axis=0)  # groups of 4 identical images
+    assert group_diversity(copies, 4) == 0.0
+    assert group_diversity(scenes, 4) > 0.05
+    assert group_diversity(scenes, 1) == 0.0  # no pairs
+
+
+def test_quality_proxies_see_speckle_and_foreground(scenes):
+    clean, noisy = quality_proxies(scenes), quality_proxies(speckle(scenes))
+    assert noisy["hf_energy"] > 2 * clean["hf_energy"]
+    assert 0.0 < clean["fg_fraction"] < 0.5
+    assert quality_proxies(np.zeros_like(scenes)) == {"hf_energy": 0.0, "fg_fraction": 0.0}
+
+
+def test_quality_drift_flags_only_what_left_its_limits(scenes):
+    base = {"diversity": group_diversity(scenes, 4), **quality_proxies(scenes)}
+    assert quality_drift(base, dict(base)) == []
+    noisy = speckle(scenes)
+    now = {"diversity": group_diversity(noisy, 4), **quality_proxies(noisy)}
+    drift = quality_drift(base, now)
+    assert any(d.startswith("hf_energy") for d in drift)
+    collapsed = dict(base, diversity=0.5 * base["diversity"])
+    (only,) = quality_drift(base, collapsed)
+    assert only.startswith("diversity") and "0.50x" in only
+    # a missing or zero baseline is skipped rather than divided by
+    assert quality_drift({"hf_energy": 0.0}, {"hf_energy": 1.0}) == []
+
+
+def test_unknown_reward_names_the_known_ones():
+    with pytest.raises(KeyError, match="shapes, shapes_strict, brightness"):
+        get_reward("clip")
