@@ -28,6 +28,16 @@ def shapes_strict_reward(prompts: list[str], images: np.ndarray) -> dict:
     return {"reward": s["strict"].astype(np.float32), "strict": s["strict"]}
 
 
+def shapes_exact_reward(prompts: list[str], images: np.ndarray) -> dict:
+    """Partial credit scaled by n / (n + extra): n the objects the prompt asks for, extra the shapes
+    detected beyond them. GenEval's rules (and `shapes`) charge nothing for extra objects outside
+    counting prompts, so a policy can raise them by scattering shapes; this reward closes that
+    loophole. The strict result is GenEval's, unchanged."""
+    s = shapes.score_images(prompts, images)
+    n = np.array([shapes.named_count(p) for p in prompts], np.float32)
+    return {"reward": (s["reward"] * n / (n + s["extra"])).astype(np.float32), "strict": s["strict"]}
+
+
 def brightness_reward(prompts: list[str], images: np.ndarray) -> dict:
     """Mean brightness in [0, 1]: a trivially learnable reward for tests and smoke runs."""
     return {"reward": images.reshape(len(images), -1).mean(axis=1).astype(np.float32) / 255.0}
@@ -36,6 +46,7 @@ def brightness_reward(prompts: list[str], images: np.ndarray) -> dict:
 REWARDS: dict[str, RewardFn] = {
     "shapes": shapes_reward,
     "shapes_strict": shapes_strict_reward,
+    "shapes_exact": shapes_exact_reward,
     "brightness": brightness_reward,
 }
 

@@ -49,5 +49,23 @@ def test_quality_drift_flags_only_what_left_its_limits(scenes):
 
 
 def test_unknown_reward_names_the_known_ones():
-    with pytest.raises(KeyError, match="shapes, shapes_strict, brightness"):
+    with pytest.raises(KeyError, match="shapes, shapes_strict, shapes_exact, brightness"):
         get_reward("clip")
+
+
+def test_exact_reward_charges_for_objects_the_prompt_did_not_ask_for():
+    from fgrpo.tasks.shapes import ObjectSpec, PromptSpec
+
+    rng = np.random.default_rng(0)
+    one = S.render("a triangle", rng)
+    three = S.render(PromptSpec("counting", (ObjectSpec("triangle", count=3),)), rng)
+    prompts, images = ["a triangle", "a triangle"], np.stack([one, three])
+    assert [len(S.detect(x)) for x in images] == [1, 3]
+    plain, exact = get_reward("shapes")(prompts, images), get_reward("shapes_exact")(prompts, images)
+    # GenEval's rules pass both images; the exact reward keeps the first and divides the second by 3
+    assert plain["strict"].tolist() == [True, True] and plain["reward"].tolist() == [1.0, 1.0]
+    assert exact["strict"].tolist() == [True, True]
+    assert exact["reward"] == pytest.approx([1.0, 1 / 3])
+    # on a counting prompt the expected number is the count: three triangles are not extra
+    counted = get_reward("shapes_exact")(["three triangles"], three[None])
+    assert counted["reward"].tolist() == [1.0]

@@ -470,16 +470,25 @@ def score(prompt: str, detections: list[Detection], size: int) -> tuple[bool, fl
     return all(right), partial
 
 
+def named_count(prompt: str) -> int:
+    """How many objects the prompt asks for (a count's number, else the objects named)."""
+    return sum(o.count for o in parse_prompt(prompt).objects)
+
+
 def score_images(prompts: list[str], images: np.ndarray) -> dict:
-    """Scores of uint8 (N, H, W, 3) images: {"strict": bool (N,), "reward": float32 (N,), "task": [str]}."""
+    """Scores of uint8 (N, H, W, 3) images: {"strict": bool (N,), "reward": float32 (N,), "task": [str],
+    "extra": int (N,) detected shapes beyond the number the prompt asks for}."""
     images = np.asarray(images)
     if images.ndim != 4 or len(prompts) != len(images):
         raise ValueError(f"need one (H, W, 3) image per prompt, got {len(prompts)} prompts and images {images.shape}")
     strict = np.zeros(len(prompts), bool)
     reward = np.zeros(len(prompts), np.float32)
+    extra = np.zeros(len(prompts), np.int64)
     for i, (p, img) in enumerate(zip(prompts, images)):
-        strict[i], reward[i] = score(p, detect(img), size=img.shape[1])
-    return {"strict": strict, "reward": reward, "task": [parse_prompt(p).task for p in prompts]}
+        found = detect(img)
+        strict[i], reward[i] = score(p, found, size=img.shape[1])
+        extra[i] = max(0, len(found) - named_count(p))
+    return {"strict": strict, "reward": reward, "task": [parse_prompt(p).task for p in prompts], "extra": extra}
 
 
 def images_to_uint8(x: torch.Tensor) -> np.ndarray:
