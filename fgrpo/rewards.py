@@ -29,13 +29,14 @@ def shapes_strict_reward(prompts: list[str], images: np.ndarray) -> dict:
 
 
 def shapes_exact_reward(prompts: list[str], images: np.ndarray) -> dict:
-    """Partial credit scaled by n / (n + extra): n the objects the prompt asks for, extra the shapes
-    detected beyond them. GenEval's rules (and `shapes`) charge nothing for extra objects outside
-    counting prompts, so a policy can raise them by scattering shapes; this reward closes that
-    loophole. The strict result is GenEval's, unchanged."""
+    """Partial credit scaled by (n / (n + extra))^2: n the objects the prompt asks for, extra the
+    shapes detected beyond them. GenEval's rules (and `shapes`) charge nothing for extra objects
+    outside counting prompts, so a policy can raise them by scattering shapes. Squared, the factor
+    makes extra objects never pay: both shapes of a two-object prompt plus one extra earn 0.44, one
+    shape alone 0.5 (unsquared it would be 0.67). The strict result is GenEval's, unchanged."""
     s = shapes.score_images(prompts, images)
     n = np.array([shapes.named_count(p) for p in prompts], np.float32)
-    return {"reward": (s["reward"] * n / (n + s["extra"])).astype(np.float32), "strict": s["strict"]}
+    return {"reward": (s["reward"] * (n / (n + s["extra"])) ** 2).astype(np.float32), "strict": s["strict"]}
 
 
 def brightness_reward(prompts: list[str], images: np.ndarray) -> dict:

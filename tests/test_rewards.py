@@ -62,10 +62,27 @@ def test_exact_reward_charges_for_objects_the_prompt_did_not_ask_for():
     prompts, images = ["a triangle", "a triangle"], np.stack([one, three])
     assert [len(S.detect(x)) for x in images] == [1, 3]
     plain, exact = get_reward("shapes")(prompts, images), get_reward("shapes_exact")(prompts, images)
-    # GenEval's rules pass both images; the exact reward keeps the first and divides the second by 3
+    # GenEval's rules pass both images; the exact reward keeps the first and scales the second by (1/3)^2
     assert plain["strict"].tolist() == [True, True] and plain["reward"].tolist() == [1.0, 1.0]
     assert exact["strict"].tolist() == [True, True]
-    assert exact["reward"] == pytest.approx([1.0, 1 / 3])
+    assert exact["reward"] == pytest.approx([1.0, 1 / 9])
     # on a counting prompt the expected number is the count: three triangles are not extra
     counted = get_reward("shapes_exact")(["three triangles"], three[None])
     assert counted["reward"].tolist() == [1.0]
+
+
+def test_extra_objects_never_pay_under_the_exact_reward():
+    from fgrpo.tasks.shapes import ObjectSpec, PromptSpec
+
+    rng = np.random.default_rng(1)
+    prompt = "a circle and a square"
+    one = S.render("a circle", rng)  # half the prompt, nothing extra: partial credit 0.5
+    both_plus = S.render(PromptSpec("counting", (ObjectSpec("circle", count=2),)), rng)
+    both_plus = np.maximum(both_plus, S.render("a square", rng))  # may overlap: check what is detected
+    found = S.detect(both_plus)
+    if not ({d.shape for d in found} >= {"circle", "square"} and len(found) == 3):
+        pytest.skip("the pasted scene overlapped; the arithmetic is checked above")
+    plain = get_reward("shapes")([prompt] * 2, np.stack([one, both_plus]))["reward"]
+    exact = get_reward("shapes_exact")([prompt] * 2, np.stack([one, both_plus]))["reward"]
+    assert plain[1] > plain[0]  # GenEval's rules: the extra circle helps
+    assert exact[1] < exact[0]  # here it does not
