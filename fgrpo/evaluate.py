@@ -73,6 +73,13 @@ def prompt_set_name(spec: str) -> str:
 
 
 def accuracy_table(tasks: list[str], strict: np.ndarray, reward: np.ndarray) -> dict:
+    """Per-task and overall (mean over tasks, as GenEval) strict accuracy and reward.
+
+    `strict_se` is the standard error of the overall accuracy: each task's binomial variance over
+    its images (with the Agresti-Coull adjustment, (k + 2) / (n + 4), so that a task at 0% or 100%
+    of a few images still counts as uncertain), combined as for a mean of independent tasks. It
+    treats the images as independent draws; two evaluations differ beyond noise at about 3x it.
+    """
     per_task = {}
     for t in shapes.TASKS:
         m = np.array([x == t for x in tasks])
@@ -80,7 +87,12 @@ def accuracy_table(tasks: list[str], strict: np.ndarray, reward: np.ndarray) -> 
             per_task[t] = {"strict_accuracy": float(strict[m].mean()), "reward": float(reward[m].mean()),
                            "n": int(m.sum())}
     overall = float(np.mean([v["strict_accuracy"] for v in per_task.values()]))
-    return {"strict_accuracy": overall, "reward": float(reward.mean()), "per_task": per_task}
+    var = 0.0
+    for v in per_task.values():
+        p = (v["strict_accuracy"] * v["n"] + 2) / (v["n"] + 4)
+        var += p * (1 - p) / v["n"]
+    se = float(np.sqrt(var) / len(per_task)) if per_task else 0.0
+    return {"strict_accuracy": overall, "strict_se": se, "reward": float(reward.mean()), "per_task": per_task}
 
 
 def format_table(metrics: dict, title: str = "") -> str:
@@ -88,7 +100,8 @@ def format_table(metrics: dict, title: str = "") -> str:
     lines.append(f"{'task':<15}{'strict acc':>11}{'reward':>9}{'images':>8}")
     for t, v in metrics["per_task"].items():
         lines.append(f"{t:<15}{v['strict_accuracy']:>11.3f}{v['reward']:>9.3f}{v['n']:>8d}")
-    lines.append(f"{'overall':<15}{metrics['strict_accuracy']:>11.3f}{metrics['reward']:>9.3f}")
+    se = f"  (standard error {metrics['strict_se']:.3f})" if "strict_se" in metrics else ""
+    lines.append(f"{'overall':<15}{metrics['strict_accuracy']:>11.3f}{metrics['reward']:>9.3f}{se}")
     if "diversity" in metrics:
         lines.append(f"diversity within prompt {metrics['diversity']:.3f}, high-freq energy {metrics['hf_energy']:.4f}")
     return "\n".join(lines)

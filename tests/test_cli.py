@@ -26,6 +26,7 @@ def test_eval_writes_metrics_and_grid(tmp_path, tiny_model_dir, capsys):
     assert (out / "eval_grid.png").stat().st_size > 0 and (out / "config.toml").is_file()
     printed = capsys.readouterr().out
     assert "overall" in printed and "counting" in printed
+    assert 0.0 < metrics["strict_se"] < 0.5 and f"(standard error {metrics['strict_se']:.3f})" in printed
     # A prompt file is not the held-out set, and the table must not call it that.
     assert metrics["prompts"] == str(prompts)
     assert "p.txt prompt strict accuracy" in printed and "held-out" not in printed

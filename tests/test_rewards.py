@@ -1,4 +1,4 @@
-"""Rewards and the reward-hacking guards: diversity within groups, image-quality proxies, their drift."""
+"""Rewards, the reward-hacking guards (diversity within groups, image-quality proxies, their drift) and the evaluation's standard error."""
 
 from __future__ import annotations
 
@@ -86,3 +86,20 @@ def test_extra_objects_never_pay_under_the_exact_reward():
     exact = get_reward("shapes_exact")([prompt] * 2, np.stack([one, both_plus]))["reward"]
     assert plain[1] > plain[0]  # GenEval's rules: the extra circle helps
     assert exact[1] < exact[0]  # here it does not
+
+
+def test_overall_standard_error_follows_the_binomial_and_shrinks_with_images():
+    from fgrpo.evaluate import accuracy_table
+
+    def table(n: int, k: int) -> dict:  # two tasks, k of n images right in each
+        tasks = ["counting"] * n + ["position"] * n
+        strict = np.array(([True] * k + [False] * (n - k)) * 2)
+        return accuracy_table(tasks, strict, strict.astype(np.float32))
+
+    t = table(400, 200)
+    p = 202 / 404  # Agresti-Coull
+    assert t["strict_accuracy"] == 0.5
+    assert t["strict_se"] == pytest.approx(np.sqrt(2 * p * (1 - p) / 400) / 2)
+    assert table(16, 8)["strict_se"] > table(64, 32)["strict_se"] > t["strict_se"]
+    # 4 of 4 right is not certainty
+    assert table(4, 4)["strict_se"] > 0.1
