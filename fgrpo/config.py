@@ -104,6 +104,9 @@ class TrainConfig:
     logprob_reduce: str = knob("mean", "Reduction of per-element log-probs: 'mean' (reference code) or 'sum'.", choices=("mean", "sum"))
     adv_clip: float = knob(5.0, "Advantages are clipped to [-adv_clip, adv_clip].", gt=0.0)
     global_std: bool = knob(False, "Normalise advantages by the whole batch's std instead of each group's.")
+    shuffle_advantages: bool = knob(False, "Control run: permute each epoch's advantages at random across its images, so "
+                                    "the updates keep their size and statistics but carry no reward information. "
+                                    "Compare with the real run to tell the reward's signal from the update noise.")
     timestep_fraction: float = knob(0.99, "Fraction of steps trained; the last, near-deterministic step is dropped.", gt=0.0, le=1.0)
     lora_rank: int = knob(0, "LoRA rank (0 = full fine-tuning with a frozen reference copy). Paper: 32.", ge=0)
     lora_alpha: float = knob(64.0, "LoRA alpha (paper: 64).", gt=0.0)

@@ -325,7 +325,10 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         rewards = torch.as_tensor(rew["reward"], dtype=torch.float32)
         if rewards.shape != (n_images,):
             raise RewardError(f"reward '{cfg.reward.name}' returned shape {tuple(rewards.shape)}, expected ({n_images},)")
-        adv = group_advantages(rewards, group_ids, global_std=tc.global_std, clip=tc.adv_clip).to(device)
+        adv = group_advantages(rewards, group_ids, global_std=tc.global_std, clip=tc.adv_clip)
+        if tc.shuffle_advantages:  # the control: same advantages, assigned to the wrong images
+            adv = adv[torch.randperm(n_images, generator=torch.Generator().manual_seed(sc.seed * 100_003 + epoch))]
+        adv = adv.to(device)
         t_reward = time.time() - t0
 
         # policy updates

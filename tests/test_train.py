@@ -113,6 +113,19 @@ def test_training_raises_an_easy_reward(tmp_path, tiny_model_dir):
     assert (out / "model" / "fgrpo_model.json").is_file()
 
 
+def test_shuffled_advantages_are_a_control_that_learns_nothing_from_the_reward(tmp_path, tiny_model_dir):
+    gains = {}
+    for shuffle in (False, True):
+        cfg = tiny_cfg(tmp_path / str(shuffle), tiny_model_dir, reward__name='"brightness"', train__epochs=12,
+                       train__beta=0.0, sample__guidance_scale=1.0, train__ema_decay=0.0,
+                       train__shuffle_advantages=str(shuffle).lower())
+        train(cfg)
+        rows = [json.loads(l) for l in (tmp_path / str(shuffle) / "run" / "metrics.jsonl").read_text().splitlines()]
+        gains[shuffle] = np.mean([r["reward_mean"] for r in rows[-3:]]) - np.mean([r["reward_mean"] for r in rows[:3]])
+        assert np.mean([r["ratio_max"] for r in rows]) > 1.0  # the policy moved in both runs
+    assert gains[False] > 0.02 and gains[True] < gains[False] / 2, gains
+
+
 def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_model_dir):
     full = tiny_cfg(tmp_path / "a", tiny_model_dir, reward__name='"brightness"', train__epochs=4)
     train(full)
