@@ -129,6 +129,10 @@ class EvalConfig:
     num_steps: int = knob(40, "ODE steps for evaluation (the model's usual count; SD3.5: 40).", ge=1)
     guidance_scale: float = knob(4.5, "Classifier-free guidance for evaluation.", ge=1.0)
     images_per_prompt: int = knob(4, "Images per held-out prompt.", ge=1)
+    min_images_per_task: int = knob(0, "At least this many images per task type: a task with few prompts gets more "
+                                    "images per prompt (ceil(min / prompts)), so that its accuracy, which weighs a "
+                                    "sixth of the overall mean, is not decided by a handful of images. 0: "
+                                    "images_per_prompt everywhere (GenEval's protocol).", ge=0)
     batch_size: int = knob(128, "Images per forward in evaluation.", ge=1)
     every: int = knob(10, "Evaluate every this many epochs during training (0: only before and after).", ge=0)
     prompts: str = knob("test", "Prompt set: 'test', 'train', either limited to task types ('test:position'), or a path to a text file.")

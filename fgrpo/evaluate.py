@@ -142,21 +142,33 @@ def grid_subset(prompts: list[str], count: int) -> list[int]:
     return order[:count]
 
 
+def images_per_prompt(prompts: list[str], per_prompt: int, min_per_task: int = 0) -> list[int]:
+    """How many images each prompt gets: `per_prompt`, raised for the prompts of a task type with
+    fewer than `min_per_task` images so that the task reaches it (ceil(min_per_task / its prompts))."""
+    tasks = [shapes.parse_prompt(p).task for p in prompts]
+    count = {t: tasks.count(t) for t in set(tasks)}
+    return [max(per_prompt, -(-min_per_task // count[t])) for t in tasks]
+
+
 def evaluate(model: FlowModel, eval_cfg, shift: float, out_dir: str | Path | None = None,
              progress: bool = True, tag: str = "eval", engine=None) -> dict:
-    """Sample every evaluation prompt `images_per_prompt` times and score the images.
+    """Sample every evaluation prompt `images_per_prompt` times (more for task types with few prompts,
+    `min_images_per_task`) and score the images.
 
     `engine` (a `fgrpo.engine.RolloutEngine`) runs the ODE sampling; default: eager.
     """
     base = resolve_prompts(eval_cfg.prompts, shapes_only=True)
-    prompts = [p for p in base for _ in range(eval_cfg.images_per_prompt)]
+    counts = images_per_prompt(base, eval_cfg.images_per_prompt, eval_cfg.min_images_per_task)
+    prompts = [p for p, k in zip(base, counts) for _ in range(k)]
+    starts = np.cumsum([0] + counts[:-1]).tolist()  # each prompt's first image
     t0 = time.time()
     x = sample_ode(model, prompts, num_steps=eval_cfg.num_steps, guidance_scale=eval_cfg.guidance_scale,
                    shift=shift, seed=eval_cfg.seed, batch_size=eval_cfg.batch_size, progress=progress, desc=tag, engine=engine)
     images = shapes.images_to_uint8(x)
     scores = shapes.score_images(prompts, images)
     metrics = accuracy_table(scores["task"], scores["strict"], scores["reward"])
-    metrics["diversity"] = group_diversity(images, eval_cfg.images_per_prompt)
+    # Every prompt weighs the same, however many images it has.
+    metrics["diversity"] = float(np.mean([group_diversity(images[s:s + k], k) for s, k in zip(starts, counts)]))
     metrics.update(quality_proxies(images))
     metrics["seconds"] = time.time() - t0
     metrics["num_images"] = len(prompts)
@@ -164,7 +176,7 @@ def evaluate(model: FlowModel, eval_cfg, shift: float, out_dir: str | Path | Non
     metrics["num_steps"] = eval_cfg.num_steps
     if out_dir is not None and eval_cfg.grid_size:
         # First image of each prompt, spread across tasks.
-        firsts = list(range(0, len(prompts), eval_cfg.images_per_prompt))
+        firsts = starts
         pick = [firsts[i] for i in grid_subset([prompts[i] for i in firsts], eval_cfg.grid_size)]
         save_grid(images[pick], [prompts[i] for i in pick], Path(out_dir) / f"{tag}_grid.png")
     return metrics

@@ -17,7 +17,8 @@ def test_eval_writes_metrics_and_grid(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "eval"
     rc = main(["eval", str(ROOT / "configs" / "geneval.toml"), "--out", str(out),
                "--set", f'model.path="{tiny_model_dir}"', "--set", "eval.num_steps=3",
-               "--set", "eval.images_per_prompt=2", "--set", f'eval.prompts="{prompts}"', "--set", "run.progress=false"])
+               "--set", "eval.images_per_prompt=2", "--set", "eval.min_images_per_task=0",
+               "--set", f'eval.prompts="{prompts}"', "--set", "run.progress=false"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["per_task"]) == {"single_object", "counting", "colors", "position"}
@@ -30,6 +31,32 @@ def test_eval_writes_metrics_and_grid(tmp_path, tiny_model_dir, capsys):
     # A prompt file is not the held-out set, and the table must not call it that.
     assert metrics["prompts"] == str(prompts)
     assert "p.txt prompt strict accuracy" in printed and "held-out" not in printed
+
+
+def test_task_types_with_few_prompts_get_more_images(tmp_path, tiny_model_dir):
+    from fgrpo.evaluate import images_per_prompt, resolve_prompts
+    from fgrpo.tasks import shapes
+
+    held_out = resolve_prompts("test")
+    counts = images_per_prompt(held_out, 4, 32)
+    per_task = {}
+    for p, k in zip(held_out, counts):
+        per_task.setdefault(shapes.parse_prompt(p).task, []).append(k)
+    # single_object is one held-out prompt: 32 images instead of 4; tasks with many prompts keep 4
+    assert per_task["single_object"] == [32] and set(per_task["two_object"]) == {8} and sum(per_task["colors"]) == 36
+    assert set(per_task["color_attr"]) == {4} and set(per_task["position"]) == {4}
+    assert images_per_prompt(held_out, 4, 0) == [4] * len(held_out)
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a circle\nthree squares\ntwo circles\na red cross\n")
+    out = tmp_path / "eval"
+    rc = main(["eval", str(ROOT / "configs" / "geneval.toml"), "--out", str(out),
+               "--set", f'model.path="{tiny_model_dir}"', "--set", "eval.num_steps=2", "--set", "eval.images_per_prompt=1",
+               "--set", "eval.min_images_per_task=4", "--set", f'eval.prompts="{prompts}"', "--set", "run.progress=false"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {t: v["n"] for t, v in metrics["per_task"].items()} == {"single_object": 4, "counting": 4, "colors": 4}
+    assert metrics["num_images"] == 12 and metrics["diversity"] > 0
 
 
 def test_prompt_set_names():
