@@ -176,8 +176,7 @@ def evaluate(model: FlowModel, eval_cfg, shift: float, out_dir: str | Path | Non
     metrics["num_steps"] = eval_cfg.num_steps
     if out_dir is not None and eval_cfg.grid_size:
         # First image of each prompt, spread across tasks.
-        firsts = starts
-        pick = [firsts[i] for i in grid_subset([prompts[i] for i in firsts], eval_cfg.grid_size)]
+        pick = [starts[i] for i in grid_subset([prompts[i] for i in starts], eval_cfg.grid_size)]
         save_grid(images[pick], [prompts[i] for i in pick], Path(out_dir) / f"{tag}_grid.png")
     return metrics
 
