@@ -72,8 +72,13 @@ def prompt_set_name(spec: str) -> str:
     return f"{Path(spec).name} prompt"
 
 
-def accuracy_table(tasks: list[str], strict: np.ndarray, reward: np.ndarray) -> dict:
+def accuracy_table(tasks: list[str], strict: np.ndarray, reward: np.ndarray, extra: np.ndarray | None = None) -> dict:
     """Per-task and overall (mean over tasks, as GenEval) strict accuracy and reward.
+
+    With `extra` (shapes detected beyond those the prompt asks for, per image) it also gives the
+    exact accuracy: strict and nothing extra. GenEval's rules, like the strict accuracy, let extra
+    objects pass outside counting prompts; a policy that learns to scatter shapes raises the strict
+    accuracy but not the exact one, so a gap opening between the two is reward hacking in plain view.
 
     `strict_se` is the standard error of the overall accuracy: each task's binomial variance over
     its images (with the Agresti-Coull adjustment, (k + 2) / (n + 4), so that a task at 0% or 100%
@@ -86,22 +91,35 @@ def accuracy_table(tasks: list[str], strict: np.ndarray, reward: np.ndarray) -> 
         if m.any():
             per_task[t] = {"strict_accuracy": float(strict[m].mean()), "reward": float(reward[m].mean()),
                            "n": int(m.sum())}
+            if extra is not None:
+                per_task[t]["exact_accuracy"] = float((strict[m] & (extra[m] == 0)).mean())
     overall = float(np.mean([v["strict_accuracy"] for v in per_task.values()]))
     var = 0.0
     for v in per_task.values():
         p = (v["strict_accuracy"] * v["n"] + 2) / (v["n"] + 4)
         var += p * (1 - p) / v["n"]
     se = float(np.sqrt(var) / len(per_task)) if per_task else 0.0
-    return {"strict_accuracy": overall, "strict_se": se, "reward": float(reward.mean()), "per_task": per_task}
+    table = {"strict_accuracy": overall, "strict_se": se, "reward": float(reward.mean()), "per_task": per_task}
+    if extra is not None:
+        table["exact_accuracy"] = float(np.mean([v["exact_accuracy"] for v in per_task.values()])) if per_task else 0.0
+    return table
 
 
 def format_table(metrics: dict, title: str = "") -> str:
     lines = [title] if title else []
-    lines.append(f"{'task':<15}{'strict acc':>11}{'reward':>9}{'images':>8}")
+    exact = "exact_accuracy" in metrics
+
+    def ex(v: dict) -> str:
+        return f"{v['exact_accuracy']:>8.3f}" if exact else ""
+
+    lines.append(f"{'task':<15}{'strict acc':>11}{'reward':>9}{'images':>8}" + (f"{'exact':>8}" if exact else ""))
     for t, v in metrics["per_task"].items():
-        lines.append(f"{t:<15}{v['strict_accuracy']:>11.3f}{v['reward']:>9.3f}{v['n']:>8d}")
+        lines.append(f"{t:<15}{v['strict_accuracy']:>11.3f}{v['reward']:>9.3f}{v['n']:>8d}{ex(v)}")
     se = f"  (standard error {metrics['strict_se']:.3f})" if "strict_se" in metrics else ""
-    lines.append(f"{'overall':<15}{metrics['strict_accuracy']:>11.3f}{metrics['reward']:>9.3f}{se}")
+    tail = f"{'':>8}{ex(metrics)}{se}" if exact else se
+    lines.append(f"{'overall':<15}{metrics['strict_accuracy']:>11.3f}{metrics['reward']:>9.3f}{tail}")
+    if exact:
+        lines.append("exact: strict with no shapes beyond those asked for (GenEval's rules let extras pass)")
     if "diversity" in metrics:
         lines.append(f"diversity within prompt {metrics['diversity']:.3f}, high-freq energy {metrics['hf_energy']:.4f}")
     return "\n".join(lines)
@@ -166,7 +184,7 @@ def evaluate(model: FlowModel, eval_cfg, shift: float, out_dir: str | Path | Non
                    shift=shift, seed=eval_cfg.seed, batch_size=eval_cfg.batch_size, progress=progress, desc=tag, engine=engine)
     images = shapes.images_to_uint8(x)
     scores = shapes.score_images(prompts, images)
-    metrics = accuracy_table(scores["task"], scores["strict"], scores["reward"])
+    metrics = accuracy_table(scores["task"], scores["strict"], scores["reward"], scores["extra"])
     # Every prompt weighs the same, however many images it has.
     metrics["diversity"] = float(np.mean([group_diversity(images[s:s + k], k) for s, k in zip(starts, counts)]))
     metrics.update(quality_proxies(images))

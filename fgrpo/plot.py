@@ -48,9 +48,11 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, *,
 
 
 def accuracy_plot(evals: list[dict], path: str | Path) -> None:
-    """Evaluation strict accuracy (overall and per task) against training wall-clock seconds."""
+    """Evaluation strict accuracy (overall, its exact variant and per task) against training wall-clock seconds."""
     from fgrpo.evaluate import prompt_set_name
     series = {"overall": [(e["wall"], e["strict_accuracy"]) for e in evals]}
+    if all("exact_accuracy" in e for e in evals):  # evaluations from before it was recorded lack it
+        series["overall, exact"] = [(e["wall"], e["exact_accuracy"]) for e in evals]
     for task in evals[0]["per_task"]:
         series[task] = [(e["wall"], e["per_task"][task]["strict_accuracy"]) for e in evals if task in e["per_task"]]
     line_plot(series, path, xlabel="training wall-clock (s)", ylabel=f"{prompt_set_name(evals[0].get('prompts', 'test'))} strict accuracy",

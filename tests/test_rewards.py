@@ -87,6 +87,24 @@ def test_extra_objects_never_pay_under_the_exact_reward():
     assert exact[1] < exact[0]  # here it does not
 
 
+def test_exact_accuracy_counts_only_images_without_extra_shapes():
+    from fgrpo.evaluate import accuracy_table, format_table
+
+    rng = np.random.default_rng(0)
+    one, three = S.render("a triangle", rng), S.render("three triangles", rng)
+    prompts = ["a triangle", "a triangle", "three triangles", "a triangle"]
+    images = np.stack([one, three, three, np.zeros_like(one)])
+    scores = S.score_images(prompts, images)
+    assert scores["strict"].tolist() == [True, True, True, False]  # GenEval's rules pass the spare triangles
+    assert scores["extra"].tolist() == [2 if i == 1 else 0 for i in range(4)]
+    t = accuracy_table(scores["task"], scores["strict"], scores["reward"], scores["extra"])
+    assert t["per_task"]["single_object"]["strict_accuracy"] == pytest.approx(2 / 3)
+    assert t["per_task"]["single_object"]["exact_accuracy"] == pytest.approx(1 / 3)
+    assert t["per_task"]["counting"]["exact_accuracy"] == 1.0  # three asked for, three drawn: nothing extra
+    assert t["exact_accuracy"] == pytest.approx((1 / 3 + 1) / 2)
+    assert "exact" in format_table(t) and "exact" not in format_table(accuracy_table(scores["task"], scores["strict"], scores["reward"]))
+
+
 def test_overall_standard_error_follows_the_binomial_and_shrinks_with_images():
     from fgrpo.evaluate import accuracy_table
 
