@@ -32,7 +32,7 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, *,
         qx, _ = px(x, y0)
         d.text((qx - 10, h - bottom + 6), f"{x:.0f}", fill="black")
     colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
-              (23, 190, 207)]
+              (23, 190, 207), (227, 119, 194), (127, 127, 127)]
     for k, (name, pts) in enumerate(series.items()):
         c = colors[k % len(colors)]
         p = [px(x, y) for x, y in pts]

@@ -44,6 +44,10 @@ def test_quality_drift_flags_only_what_left_its_limits(scenes):
     collapsed = dict(base, diversity=0.5 * base["diversity"])
     (only,) = quality_drift(base, collapsed)
     assert only.startswith("diversity") and "0.50x" in only
+    # strict accuracy up, exact accuracy down: the shapes came with extras (measured: 0.220 -> 0.142)
+    (only,) = quality_drift(dict(base, strict_accuracy=0.253, exact_accuracy=0.220),
+                            dict(base, strict_accuracy=0.371, exact_accuracy=0.142))
+    assert only.startswith("exact_accuracy") and "0.65x" in only
     # a missing or zero baseline is skipped rather than divided by
     assert quality_drift({"hf_energy": 0.0}, {"hf_energy": 1.0}) == []
 
