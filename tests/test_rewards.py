@@ -100,7 +100,7 @@ def test_exact_accuracy_counts_only_images_without_extra_shapes():
     images = np.stack([one, three, three, np.zeros_like(one)])
     scores = S.score_images(prompts, images)
     assert scores["strict"].tolist() == [True, True, True, False]  # GenEval's rules pass the spare triangles
-    assert scores["extra"].tolist() == [2 if i == 1 else 0 for i in range(4)]
+    assert scores["extra"].tolist() == [0, 2, 0, 0]
     t = accuracy_table(scores["task"], scores["strict"], scores["reward"], scores["extra"])
     assert t["per_task"]["single_object"]["strict_accuracy"] == pytest.approx(2 / 3)
     assert t["per_task"]["single_object"]["exact_accuracy"] == pytest.approx(1 / 3)
