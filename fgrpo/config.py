@@ -112,6 +112,13 @@ class TrainConfig:
     lora_alpha: float = knob(64.0, "LoRA alpha (paper: 64).", gt=0.0)
     ema_decay: float = knob(0.9, "EMA decay of trained weights, used for evaluation and checkpoints (0 disables).", ge=0.0, lt=1.0)
     ema_every: int = knob(1, "Optimizer steps between EMA updates.", ge=1)
+    old_logprobs: str = knob("auto", "Log-probs of the sampling policy in the importance ratio: 'rollout' (the sampler's "
+                             "own; exact when rollouts run the training forward's eager kernels), 'recompute' (the "
+                             "training forward recomputes them for the trained steps before the epoch's first update: "
+                             "one extra no-grad forward per trained step, ratio exactly 1; the largest difference from "
+                             "the sampler's is logged as logprob_gap) or 'auto' (recompute when sample.compile is not "
+                             "'none': a compiled rollout rounds differently, by up to 2.5e-3 in the ratio in bf16 on an "
+                             "H100, beyond ratio_tol and the clip range).", choices=("auto", "rollout", "recompute"))
     ratio_tol: float = knob(1e-3, "On-policy check: at the first inner step |ratio - 1| must stay below this.", gt=0.0)
 
 

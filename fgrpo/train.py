@@ -174,6 +174,40 @@ def train_on_batch(policy: Policy, traj, sl: slice, steps: list[int], adv: torch
     return stats
 
 
+def recomputes_log_probs(cfg: C.Config) -> bool:
+    """Whether the trainer replaces the sampler's log-probs with the training forward's (train.old_logprobs)."""
+    mode = cfg.train.old_logprobs
+    return mode == "recompute" or (mode == "auto" and cfg.sample.compile != "none")
+
+
+@torch.no_grad()
+def recompute_log_probs(policy: Policy, traj, steps: list[int], cond: PromptEmbeds, uncond: PromptEmbeds | None,
+                        cfg: C.Config) -> float:
+    """Replace the log-probs of the trained steps in `traj` with those of the training forward.
+
+    Run before the epoch's first update, so they are still the sampling policy's, computed the way the
+    ratio's numerator is (eager, in training mode, same batches): the ratio starts at exactly 1 whatever
+    the rollout's kernels (a compiled rollout rounds differently). Returns the largest absolute
+    difference from the sampler's log-probs, which the trainer logs as logprob_gap.
+    """
+    sc, tc = cfg.sample, cfg.train
+    sde_step = sde_step_fn(sc.sde_backend, sc.noise_block)
+    n = traj.states.shape[0]
+    gap = torch.zeros((), device=traj.log_probs.device)
+    for start in range(0, n, sc.batch_size):
+        sl = slice(start, min(n, start + sc.batch_size))
+        u = uncond.index(slice(0, sl.stop - sl.start)) if uncond is not None else None
+        c = cond.index(sl)
+        for j in steps:
+            x, x_next = traj.states[sl, j], traj.states[sl, j + 1]
+            v = guided_velocity(policy.model, x, traj.sigmas[j], c, u, sc.guidance_scale)
+            lp = sde_step(x, v, traj.sigmas[j], traj.sigmas[j + 1], noise_level=sc.noise_level, kind=sc.kind,
+                          next_sample=x_next, reduce=tc.logprob_reduce).log_prob.float()
+            gap = torch.maximum(gap, (lp - traj.log_probs[sl, j]).abs().max())
+            traj.log_probs[sl, j] = lp
+    return float(gap)
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 
@@ -334,6 +368,10 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         # policy updates
         t0 = time.time()
         policy.model.denoiser.train()
+        logprob_gap = None
+        if recomputes_log_probs(cfg):
+            with nvtx_range("recompute log-probs"):
+                logprob_gap = recompute_log_probs(policy, traj, steps, cond, uncond, cfg)
         stats = {"ratio": [], "clipped": [], "kl": [], "loss": []}
         order = list(range(n_batches))
         for inner in range(tc.inner_epochs):
@@ -373,6 +411,7 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
             "loss": float(torch.stack(stats["loss"]).mean()),
             "clip_fraction": float(torch.cat(stats["clipped"]).mean()),
             "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
+            "logprob_gap": logprob_gap,
             "zero_var_groups": zero_variance_fraction(rewards, group_ids),
             "diversity": group_diversity(images_u8, sc.group_size),
             **quality_proxies(images_u8),
@@ -427,8 +466,8 @@ def check_on_policy(ratio: torch.Tensor, tol: float, epoch: int) -> None:
     if not math.isfinite(dev) or dev > tol:
         raise PolicyMismatchError(
             f"epoch {epoch}: importance ratio deviates from 1 by {dev:.3g} (> train.ratio_tol={tol:g}) before the "
-            "first update, so training does not recompute the sampling policy's log-probs; check that sampling and "
-            "training use the same batch size, dtype, guidance and SDE settings")
+            "first update, so training does not reproduce the sampling policy's log-probs; check that sampling and "
+            "training use the same batch size, dtype, guidance and SDE settings, or set train.old_logprobs='recompute'")
 
 
 def _tensorboard(out: Path):

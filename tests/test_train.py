@@ -13,7 +13,8 @@ from fgrpo.grpo import RewardError
 from fgrpo.models import load_model
 from fgrpo.rollout import rollout
 from fgrpo.sampling import flow_sigmas, unconditional
-from fgrpo.train import Policy, PolicyMismatchError, check_on_policy, train, train_on_batch
+from fgrpo.train import (Policy, PolicyMismatchError, check_on_policy, recompute_log_probs, recomputes_log_probs, train,
+                         train_on_batch)
 
 PROMPTS = ["a red circle", "two squares", "a cross left of a circle", "a blue triangle and a white square"]
 
@@ -97,6 +98,46 @@ def test_ratio_check_fires_on_a_mismatched_policy(tmp_path, tiny_model_dir):
     s = train_on_batch(policy, traj, slice(0, 4), [0, 1, 2], torch.ones(4), cond, uncond, cfg, 1.0)
     with pytest.raises(PolicyMismatchError, match="importance ratio deviates from 1"):
         check_on_policy(torch.cat(s["ratio"]), cfg.train.ratio_tol, 0)
+
+
+def test_recomputed_log_probs_put_a_rollout_that_rounds_differently_back_on_policy(tmp_path, tiny_model_dir):
+    # A compiled rollout rounds differently from the eager training forward; shifting the sampler's
+    # log-probs by 0.01 plays that part on the CPU.
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, train__logprob_reduce='"mean"')
+    policy, traj, cond, uncond = one_rollout(cfg)
+    exact = traj.log_probs.clone()
+    traj.log_probs[:, :3] += 0.01
+    s = train_on_batch(policy, traj, slice(0, 4), [0, 1, 2], torch.ones(4), cond, uncond, cfg, 1.0)
+    with pytest.raises(PolicyMismatchError, match="train.old_logprobs='recompute'"):
+        check_on_policy(torch.cat(s["ratio"]), cfg.train.ratio_tol, 0)
+    policy.model.denoiser.zero_grad(set_to_none=True)
+    gap = recompute_log_probs(policy, traj, [0, 1, 2], cond, uncond, cfg)
+    assert gap == pytest.approx(0.01, abs=1e-5)
+    assert torch.allclose(traj.log_probs, exact, atol=1e-5)  # the trained steps, back to the training forward's
+    assert torch.equal(traj.log_probs[:, 3:], exact[:, 3:])  # steps that are not trained are left alone
+    s = train_on_batch(policy, traj, slice(0, 4), [0, 1, 2], torch.ones(4), cond, uncond, cfg, 1.0)
+    assert (torch.cat(s["ratio"]) - 1).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("mode,compile_mode,expected", [("auto", "none", False), ("auto", "default", True),
+                                                        ("recompute", "none", True), ("rollout", "default", False)])
+def test_old_logprobs_are_recomputed_when_asked_or_when_the_rollout_is_compiled(tmp_path, tiny_model_dir, mode,
+                                                                                 compile_mode, expected):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, train__old_logprobs=f'"{mode}"', sample__compile=f'"{compile_mode}"')
+    assert recomputes_log_probs(cfg) is expected
+
+
+def test_training_with_recomputed_log_probs_matches_the_sampler_s_and_logs_the_gap(tmp_path, tiny_model_dir):
+    rows = {}
+    for mode in ("rollout", "recompute"):
+        cfg = tiny_cfg(tmp_path / mode, tiny_model_dir, reward__name='"brightness"', train__epochs=2,
+                       train__old_logprobs=f'"{mode}"')
+        train(cfg)
+        rows[mode] = [json.loads(l) for l in (tmp_path / mode / "run" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows["rollout"], rows["recompute"]):
+        assert a["logprob_gap"] is None and b["logprob_gap"] < 1e-4  # eager rollouts: the same numbers
+        for key in ("reward_mean", "ratio_mean", "ratio_max", "loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a["epoch"])
 
 
 def test_training_raises_an_easy_reward(tmp_path, tiny_model_dir):
