@@ -1,0 +1,33 @@
+"""`fgrpo.train` with the trained weights used only at sigma above CUT and the frozen base below, in rollouts,
+training and evaluation (docs/geneval_investigation.md, "Which weights carry the gain"). Full fine-tuning only.
+Run from the repository root:
+
+    python docs/probes/switch_train.py 0.65 train.lr=3e-4 run.output_dir=runs/switch
+
+The exported model/ holds the trained weights alone, without the switch.
+"""
+import sys, torch
+from fgrpo import config as C
+import fgrpo.train as T
+cut = float(sys.argv[1]); overrides = sys.argv[2:]
+orig_init = T.Policy.__init__
+def init(self, model, tc):
+    orig_init(self, model, tc)
+    base = self.ref if self.ref is not None else None
+    assert base is not None
+    orig = model.velocity
+    def vel(x, sigma, embeds):
+        s = float(sigma.reshape(-1)[0])
+        if s > cut:
+            return orig(x, sigma, embeds)
+        live = model.denoiser
+        model.denoiser = base
+        try:
+            with torch.no_grad():
+                return orig(x, sigma, embeds)
+        finally:
+            model.denoiser = live
+    model.velocity = vel
+T.Policy.__init__ = init
+cfg = C.load("configs/geneval.toml", overrides)
+T.train(cfg, progress=False, overwrite=True)
