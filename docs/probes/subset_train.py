@@ -6,7 +6,7 @@
     # the image path
     python docs/probes/subset_train.py pos_embed,timestep_embedder,attn.to_q,attn.to_k,attn.to_v,attn.to_out,ff.net,norm_out,proj_out run.output_dir=runs/image_path
 """
-import sys, torch
+import sys
 from fgrpo import config as C
 import fgrpo.train as T
 pats = sys.argv[1].split(","); overrides = sys.argv[2:]

@@ -6,7 +6,7 @@
 For each cut, the held-out evaluation of configs/geneval.toml runs TRAINED_MODEL_DIR's denoiser at sigma above
 the cut and the shipped base's below it; a cut of 2 evaluates the base alone. Prints strict / exact accuracy.
 """
-import sys, json, torch
+import sys, torch
 from fgrpo import config as C
 from fgrpo.models import load_model
 from fgrpo.evaluate import evaluate

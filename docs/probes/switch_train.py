@@ -13,8 +13,9 @@ cut = float(sys.argv[1]); overrides = sys.argv[2:]
 orig_init = T.Policy.__init__
 def init(self, model, tc):
     orig_init(self, model, tc)
-    base = self.ref if self.ref is not None else None
-    assert base is not None
+    if self.ref is None:
+        raise SystemExit("switch_train.py needs full fine-tuning (train.lora_rank = 0): the base is its frozen copy")
+    base = self.ref
     orig = model.velocity
     def vel(x, sigma, embeds):
         s = float(sigma.reshape(-1)[0])
