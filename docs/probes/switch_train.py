@@ -6,7 +6,8 @@ Run from the repository root:
 
 The exported model/ holds the trained weights alone, without the switch.
 """
-import sys, torch
+import sys
+from _switch import switch_velocity
 from fgrpo import config as C
 import fgrpo.train as T
 cut = float(sys.argv[1]); overrides = sys.argv[2:]
@@ -15,20 +16,7 @@ def init(self, model, tc):
     orig_init(self, model, tc)
     if self.ref is None:
         raise SystemExit("switch_train.py needs full fine-tuning (train.lora_rank = 0): the base is its frozen copy")
-    base = self.ref
-    orig = model.velocity
-    def vel(x, sigma, embeds):
-        s = float(sigma.reshape(-1)[0])
-        if s > cut:
-            return orig(x, sigma, embeds)
-        live = model.denoiser
-        model.denoiser = base
-        try:
-            with torch.no_grad():
-                return orig(x, sigma, embeds)
-        finally:
-            model.denoiser = live
-    model.velocity = vel
+    switch_velocity(model, self.ref, cut)
 T.Policy.__init__ = init
 cfg = C.load("configs/geneval.toml", overrides)
 T.train(cfg, progress=False, overwrite=True)
