@@ -1,5 +1,5 @@
 """`fgrpo.train` with AdamW's epsilon set, logging each optimizer step's gradient magnitudes
-(docs/geneval_investigation.md, "A smooth reward, coarse noise and Adam's epsilon"). Run from the repository root:
+(docs/geneval_investigation.md, "What the colours prompts get wrong, and five more changes"). Run from the repository root:
 
     python docs/probes/adam_eps.py 1e-12 run.output_dir=runs/adam_eps_1e-12
     python docs/probes/adam_eps.py 1e-6 train.lr=5e-4 run.output_dir=runs/adam_eps_1e-6

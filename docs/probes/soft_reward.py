@@ -1,5 +1,5 @@
-"""`fgrpo.train` with a smooth shapes reward (docs/geneval_investigation.md, "A smooth reward, coarse noise and
-Adam's epsilon"). Run from the repository root:
+"""`fgrpo.train` with a smooth shapes reward (docs/geneval_investigation.md,
+"What the colours prompts get wrong, and five more changes"). Run from the repository root:
 
     python docs/probes/soft_reward.py run.output_dir=runs/soft_reward
 
