@@ -25,7 +25,7 @@ for path in sys.argv[1:] or [None]:
         detections = shapes.detect(image)
         found += len(detections)
         coloured += sum(d.color == want.color for d in detections)
-        if any(d.shape == want.shape and d.color == want.color for d in detections):
+        if shapes.score(prompt, detections, image.shape[0])[0]:  # GenEval's colours rule
             right += 1
         elif detections:
             other += 1
