@@ -36,6 +36,8 @@ def antithetic_step_fn(backend="reference", noise_block=1):
     def step(x, v, sigma, sigma_next, *, noise_level, kind="sde", noise=None, next_sample=None, reduce="mean",
              generator=None, **kw):
         if noise is None and next_sample is None:
+            if kw:
+                raise ValueError("antithetic rollouts draw their noise on the host; in-kernel noise cannot mirror it")
             if x.shape[0] % 2:
                 raise ValueError("antithetic rollouts need an even sample.batch_size")
             noise = mirrored(x.shape, generator, x.device)

@@ -9,8 +9,8 @@ transition's K x K block means (`fgrpo.sde.block_log_prob`, times K^2 so that it
 own density under white noise), not of every pixel. White noise splits into its block means and the
 rest, which are independent; the estimator keeps the score of the first part and treats the rest as
 the environment's noise. Its variance falls with the number of dimensions (3,072 -> 192 at K = 4),
-while the part of the reward's pixel gradient that lives at low frequency, where shapes and their
-places live, is kept. This differs from `sample.noise_block`, which makes the exploration itself blocky.
+while the part of the reward's pixel gradient that lives at low frequency (where shapes are placed)
+is kept; the part that draws their outlines is not. This differs from `sample.noise_block`, which makes the exploration itself blocky.
 """
 import sys
 
