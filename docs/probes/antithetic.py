@@ -22,7 +22,7 @@ import fgrpo.train as T
 from fgrpo import config as C
 
 _orig_fn = S.sde_step_fn
-_orig_run = E.RolloutEngine._run
+_orig_rollout = E.RolloutEngine.rollout
 
 
 def mirrored(shape, generator, device):
@@ -47,16 +47,14 @@ def antithetic_step_fn(backend="reference", noise_block=1):
     return step
 
 
-def run(self, cond, uncond, sigmas, sde_steps, guidance_scale, noise_level, kind, reduce, batch_size, seed,
-        noise_seed_offset, trajectory, progress, share_initial_noise=1):
-    share = max(share_initial_noise, 2) if trajectory else share_initial_noise
-    return _orig_run(self, cond, uncond, sigmas, sde_steps, guidance_scale, noise_level, kind, reduce, batch_size,
-                     seed, noise_seed_offset, trajectory, progress, share)
+def rollout(self, *args, share_initial_noise=1, **kw):
+    """Training rollouts only; evaluation samples through `RolloutEngine.sample`, untouched."""
+    return _orig_rollout(self, *args, share_initial_noise=max(share_initial_noise, 2), **kw)
 
 
 for mod in (T, RO, E):
     mod.sde_step_fn = antithetic_step_fn
-E.RolloutEngine._run = run
+E.RolloutEngine.rollout = rollout
 
 if __name__ == "__main__":
     cfg = C.load("configs/geneval.toml", sys.argv[1:])
