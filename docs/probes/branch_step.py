@@ -1,0 +1,55 @@
+"""At which step a 10-step rollout still decides what is drawn (docs/geneval_investigation.md, "Which prompts
+are trained, and what the reward pays for"). Run from the repository root:
+
+    python docs/probes/branch_step.py TASK [MODEL_DIR]    # e.g. color_attr; no directory: the shipped base model
+
+96 samples of the task's held-out prompts follow the shipped rollout grid (10 steps, shift 3, guidance 1) as an
+ODE except at one step k, where the CPS sampler adds noise at level 0.7; each k is run twice from the same
+initial noise with two independent noises at k. Per k it prints how often the two endings show the same
+detections (colour and shape), the same list of shapes, a different strict result, and the mean absolute
+difference of their partial credit.
+"""
+import sys
+
+import numpy as np
+import torch
+
+from fgrpo.models.embedded import EmbeddedFlowModel
+from fgrpo.sampling import flow_sigmas, guided_velocity, image_seeds, initial_noise
+from fgrpo.sde import sde_step
+from fgrpo.tasks import shapes
+
+if len(sys.argv) not in (2, 3) or sys.argv[1] not in shapes.TASKS:
+    sys.exit(f"usage: python docs/probes/branch_step.py TASK [MODEL_DIR]  (TASK one of {', '.join(shapes.TASKS)})")
+model = EmbeddedFlowModel.from_pretrained(sys.argv[2] if len(sys.argv) == 3 else None).eval()
+prompts = [p for p in shapes.load_prompts("test") if shapes.parse_prompt(p).task == sys.argv[1]]
+prompts = (prompts * 96)[:96]
+embeds = model.encode_prompts(prompts)
+sigmas = flow_sigmas(10, 3.0)
+start = initial_noise(tuple(model.state_shape), image_seeds(7, 0, len(prompts)))
+
+
+@torch.no_grad()
+def rollout(k: int, seed: int) -> np.ndarray:
+    x, gen = start.clone(), torch.Generator().manual_seed(seed)
+    for j in range(10):
+        s, s_next = (torch.full((len(prompts),), float(sigmas[i])) for i in (j, j + 1))
+        v = guided_velocity(model, x, s, embeds, None, 1.0)
+        noise = torch.randn(x.shape, generator=gen) if j == k else None
+        x = sde_step(x, v, s, s_next, noise_level=0.7 if j == k else 0.0, kind="cps", noise=noise).next_sample
+    return shapes.images_to_uint8(model.decode(x))
+
+
+def found(image) -> list[tuple[str, str]]:
+    return sorted((d.color, d.shape) for d in shapes.detect(image))
+
+
+for k in range(10):
+    a, b = rollout(k, 100 + k), rollout(k, 200 + k)
+    sa, sb = shapes.score_images(prompts, a), shapes.score_images(prompts, b)
+    fa, fb = [found(i) for i in a], [found(i) for i in b]
+    same = np.mean([x == y for x, y in zip(fa, fb)])
+    same_shapes = np.mean([sorted(s for _, s in x) == sorted(s for _, s in y) for x, y in zip(fa, fb)])
+    print(f"step {k} (sigma {float(sigmas[k]):.3f}): same detections {same:.2f}, same shapes {same_shapes:.2f}, "
+          f"strict differs {np.mean(sa['strict'] != sb['strict']):.2f}, "
+          f"partial credit |diff| {np.abs(sa['reward'] - sb['reward']).mean():.3f}")
