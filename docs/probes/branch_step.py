@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from fgrpo.models.embedded import EmbeddedFlowModel
-from fgrpo.sampling import flow_sigmas, guided_velocity, image_seeds, initial_noise
+from fgrpo.rollout import run_steps
+from fgrpo.sampling import flow_sigmas, image_seeds, initial_noise
 from fgrpo.sde import sde_step
 from fgrpo.tasks import shapes
 
@@ -31,12 +32,8 @@ start = initial_noise(tuple(model.state_shape), image_seeds(7, 0, len(prompts)))
 
 @torch.no_grad()
 def rollout(k: int, seed: int) -> np.ndarray:
-    x, gen = start.clone(), torch.Generator().manual_seed(seed)
-    for j in range(10):
-        s, s_next = (torch.full((len(prompts),), float(sigmas[i])) for i in (j, j + 1))
-        v = guided_velocity(model, x, s, embeds, None, 1.0)
-        noise = torch.randn(x.shape, generator=gen) if j == k else None
-        x = sde_step(x, v, s, s_next, noise_level=0.7 if j == k else 0.0, kind="cps", noise=noise).next_sample
+    x = run_steps(model.velocity, start.clone(), embeds, None, sigmas, [k], guidance_scale=1.0, noise_level=0.7,
+                  kind="cps", reduce="mean", sde_step=sde_step, noise=torch.Generator().manual_seed(seed))
     return shapes.images_to_uint8(model.decode(x))
 
 
