@@ -1,5 +1,6 @@
 """Rejection-sampling fine-tuning of the shipped model on its own correct images (docs/geneval_investigation.md,
-"Learning from its own correct images"). Run from the repository root:
+"Its own correct images, block-mean exploration, an anchor, and the rollout sampler"). Run from the
+repository root:
 
     python docs/probes/own_samples_ft.py --rounds 6 --steps 150 --lr 5e-5 --eval-every 2 --out runs/own_ft
     python docs/probes/own_samples_ft.py --rounds 3 --steps 300 --sample-steps 40 --out runs/own_ft40
@@ -95,7 +96,8 @@ for r in range(a.rounds):
     losses = []
     for _ in range(a.steps):
         if a.mix == "task":
-            batch = [kept[t][rng.randrange(len(kept[t]))] for t in (have[rng.randrange(len(have))] for _ in range(a.batch))]
+            picks = (have[rng.randrange(len(have))] for _ in range(a.batch))  # drawn in turn with the images
+            batch = [kept[t][rng.randrange(len(kept[t]))] for t in picks]
         else:
             batch = [pool[rng.randrange(len(pool))] for _ in range(a.batch)]
         x0 = torch.stack([image for _, image in batch])

@@ -1,5 +1,5 @@
-"""`fgrpo.train` with split SDE noise (docs/geneval_investigation.md, "Learning from its own correct images,
-and exploring in block means"). Run from the repository root:
+"""`fgrpo.train` with split SDE noise (docs/geneval_investigation.md, "Its own correct images, block-mean
+exploration, an anchor, and the rollout sampler"). Run from the repository root:
 
     python docs/probes/split_noise.py sample.noise_block=4 run.output_dir=runs/split4
 
