@@ -60,6 +60,20 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.lerp_(p.detach(), 1 - decay)
 
 
+def flow_matching_loss(model: EmbeddedFlowModel, x0: torch.Tensor, prompts: list[str],
+                       generator: torch.Generator) -> torch.Tensor:
+    """The rectified-flow loss on clean states `x0`: MSE between the predicted velocity and noise - x0.
+
+    Sigma is logit-normal (SD3's choice, concentrating training on mid-noise levels); sigma, then the
+    noise, are drawn from `generator` on the host and moved to x0's device.
+    """
+    sigma = torch.sigmoid(torch.randn(len(prompts), generator=generator)).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    s = sigma.view(-1, 1, 1, 1)
+    v = model.velocity((1 - s) * x0 + s * noise, sigma, model.text_forward(prompts))
+    return F.mse_loss(v, noise - x0)
+
+
 def lr_schedule(peak: float, warmup: int, steps: int):
     """Linear warmup, then cosine decay to 5% of the peak."""
     def lr_at(step: int) -> float:
@@ -149,13 +163,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
         x0 = model.encode_images(images)
         drop = torch.rand(len(prompts), generator=gen) < pc.cfg_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        # Logit-normal timesteps (SD3's choice) concentrate training on mid-noise levels.
-        sigma = torch.sigmoid(torch.randn(len(prompts), generator=gen))
-        noise = torch.randn(x0.shape, generator=gen)
-        s = sigma.view(-1, 1, 1, 1)
-        x_t = (1 - s) * x0 + s * noise
-        v = model.velocity(x_t, sigma, model.text_forward(prompts))
-        loss = torch.nn.functional.mse_loss(v, noise - x0)
+        loss = flow_matching_loss(model, x0, prompts, gen)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ correct images, block-mean exploration, an anchor, and the rollout sampler"). Ru
 
 The first argument is the anchor's weight; the rest are config overrides (no `--set`). With every training
 batch of the GRPO update, the denoiser also gets the gradient of that weight times the flow-matching loss
-(as in pretraining: logit-normal sigma, velocity target noise - image) on a batch of the same size of
+(`fgrpo.pretrain.flow_matching_loss`, as in pretraining) on a batch of the same size of
 correct renderings of train prompts (task types uniform, fresh scenes every batch), so each optimizer step
 mixes the policy gradient with a pull towards the data the model was pretrained on. At the shipped model
 the flow-matching gradient over 512 rendered scenes has norm about 0.027 and the policy gradient over 512
@@ -17,7 +17,7 @@ import torch
 
 import fgrpo.train as T
 from fgrpo import config as C
-from fgrpo.pretrain import scene_stream
+from fgrpo.pretrain import flow_matching_loss, scene_stream
 from fgrpo.tasks import shapes
 
 if __name__ == "__main__":
@@ -37,12 +37,7 @@ if __name__ == "__main__":
             streams.append(scene_stream(shapes.load_prompts("train"), cfg.sample.batch_size, model.image_size,
                                         cfg.sample.seed + 17))
         prompts, images = next(streams[0])
-        x0 = model.encode_images(images.to(traj.states.device))
-        sigma = torch.sigmoid(torch.randn(len(prompts), generator=gen)).to(x0.device)
-        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-        s = sigma.view(-1, 1, 1, 1)
-        v = model.velocity((1 - s) * x0 + s * noise, sigma, model.text_forward(prompts))
-        loss = torch.nn.functional.mse_loss(v, noise - x0)
+        loss = flow_matching_loss(model, model.encode_images(images.to(traj.states.device)), prompts, gen)
         (weight * loss / cfg.train.grad_accum).backward()
         return stats
 

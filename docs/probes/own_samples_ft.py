@@ -28,7 +28,7 @@ import torch
 from fgrpo import config as C
 from fgrpo.evaluate import evaluate, format_table
 from fgrpo.models.embedded import EmbeddedFlowModel
-from fgrpo.pretrain import ema_update
+from fgrpo.pretrain import ema_update, flow_matching_loss
 from fgrpo.sampling import sample_ode
 from fgrpo.tasks import shapes
 
@@ -100,12 +100,7 @@ for r in range(a.rounds):
             batch = [kept[t][rng.randrange(len(kept[t]))] for t in picks]
         else:
             batch = [pool[rng.randrange(len(pool))] for _ in range(a.batch)]
-        x0 = torch.stack([image for _, image in batch])
-        sigma = torch.sigmoid(torch.randn(len(batch), generator=gen))  # logit-normal, as in pretraining
-        noise = torch.randn(x0.shape, generator=gen)
-        sv = sigma.view(-1, 1, 1, 1)
-        v = model.velocity((1 - sv) * x0 + sv * noise, sigma, model.text_forward([p for p, _ in batch]))
-        loss = torch.nn.functional.mse_loss(v, noise - x0)
+        loss = flow_matching_loss(model, torch.stack([image for _, image in batch]), [p for p, _ in batch], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
