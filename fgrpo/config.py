@@ -120,6 +120,21 @@ class TrainConfig:
                              "'none': a compiled rollout rounds differently, by up to 2.5e-3 in the ratio in bf16 on an "
                              "H100, beyond ratio_tol and the clip range).", choices=("auto", "rollout", "recompute"))
     ratio_tol: float = knob(1e-3, "On-policy check: at the first inner step |ratio - 1| must stay below this.", gt=0.0)
+    objective: str = knob("grpo", "Policy loss: 'grpo' (the clipped surrogate on the SDE window's log-probs, as in the "
+                          "paper) or 'awm' (advantage-weighted matching: the same group-relative advantages weight the "
+                          "pretraining flow-matching loss of each final sample, renoised at sigma drawn from "
+                          "train.awm_sigma; samples above their group's mean are pulled in, those below pushed away; no "
+                          "log-probs, ratio or clipping; the prompt-conditional velocity is fitted whatever "
+                          "sample.guidance_scale the rollouts use; train.beta then weighs the squared velocity gap "
+                          "to the reference).",
+                          choices=("grpo", "awm"))
+    awm_sigma: list = knob([0.6, 1.0], "'awm': the range [low, high] sigma is drawn from, uniformly (0 < low <= high <= 1); "
+                           "the high-noise end is where what is drawn gets decided.")
+    awm_draws: int = knob(3, "'awm': (sigma, noise) draws per image and update; each costs one training forward, as "
+                          "one trained SDE step does for 'grpo'.", ge=1)
+    awm_shared_noise: bool = knob(False, "'awm': a group's images share each draw's sigma and noise, so the parts of their "
+                                  "gradients that do not depend on the image cancel in the advantage-weighted sum "
+                                  "(a group's advantages sum to zero) instead of adding noise.")
 
 
 @dataclass
@@ -246,6 +261,10 @@ def _semantic_checks(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: sample.window_range must be two integers [first, last) with 0 <= first < last, got {wr!r}")
     if s.sde_window and wr[1] + s.sde_window - 1 > s.num_steps:
         raise ConfigError(f"{source}: sample.window_range {wr} + sde_window {s.sde_window} runs past sample.num_steps={s.num_steps}")
+    lo_hi = t.awm_sigma
+    if (len(lo_hi) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lo_hi)
+            or not 0 < lo_hi[0] <= lo_hi[1] <= 1):
+        raise ConfigError(f"{source}: train.awm_sigma must be two numbers [low, high] with 0 < low <= high <= 1, got {lo_hi!r}")
     total = s.group_size * s.groups_per_epoch
     if total % s.batch_size:
         raise ConfigError(

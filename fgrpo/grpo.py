@@ -55,3 +55,13 @@ def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adva
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     return torch.maximum(unclipped, clipped).mean(), ratio
+
+
+def advantage_weighted_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+                                     advantages: torch.Tensor) -> torch.Tensor:
+    """mean_i A_i * mean over elements of (v_i - (noise_i - x0_i))^2: the flow-matching loss of each
+    final sample x0_i (renoised with noise_i; `velocity` is the model's prediction there), weighted by
+    its advantage. Descending it fits the samples with positive advantage and moves away from the others.
+    """
+    per_sample = (velocity.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
+    return (advantages * per_sample).mean()

@@ -1,7 +1,8 @@
 """The Flow-GRPO training loop: `fgrpo train CONFIG [--resume DIR]`.
 
 Reads top to bottom: setup, then per epoch rollouts -> rewards -> advantages ->
-clipped policy-gradient updates with a KL to the reference policy, then metrics,
+clipped policy-gradient updates with a KL to the reference policy (or, with
+train.objective = "awm", advantage-weighted flow matching on the final samples), then metrics,
 evaluation and checkpoints. All randomness of an epoch derives from (seed, epoch),
 so a resumed run continues exactly as an uninterrupted one.
 """
@@ -23,7 +24,8 @@ from tqdm.auto import tqdm
 from fgrpo import config as C
 from fgrpo.engine import RolloutEngine
 from fgrpo.evaluate import evaluate, format_table, prompt_set_name, resolve_prompts, write_metrics
-from fgrpo.grpo import RewardError, clipped_policy_loss, group_advantages, zero_variance_fraction
+from fgrpo.grpo import (RewardError, advantage_weighted_matching_loss, clipped_policy_loss, group_advantages,
+                        zero_variance_fraction)
 from fgrpo.models import load_model
 from fgrpo.models.base import FlowModel, PromptEmbeds
 from fgrpo.plot import accuracy_plot
@@ -170,6 +172,56 @@ def train_on_batch(policy: Policy, traj, sl: slice, steps: list[int], adv: torch
         r = ratio.detach()
         stats["ratio"].append(r)
         stats["clipped"].append(((r - 1).abs() > tc.clip_range).float())
+        stats["loss"].append(loss.detach())
+    return stats
+
+
+def awm_noise(cfg: C.Config, epoch: int, sl: slice, draw: int, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (sigma, noise) of one `train.objective = "awm"` draw for the images in `sl`: seeded by (seed, epoch,
+    draw) and the group (`train.awm_shared_noise`) or the image, so every image's draws are the same whatever
+    the batching, and a resumed run draws what an uninterrupted one would."""
+    sc, tc = cfg.sample, cfg.train
+    lo, hi = tc.awm_sigma
+    keys = torch.arange(sl.start, sl.stop)
+    if tc.awm_shared_noise:
+        keys = keys // sc.group_size
+    sigma, noise = [], []
+    cache = {}
+    for k in keys.tolist():
+        if k not in cache:
+            g = torch.Generator().manual_seed(((sc.seed * 1_000_003 + epoch) * 7_919 + draw) * 1_000_033 + k)
+            cache[k] = (lo + (hi - lo) * torch.rand(1, generator=g), torch.randn(shape, generator=g))
+        sigma.append(cache[k][0])
+        noise.append(cache[k][1])
+    return torch.cat(sigma), torch.stack(noise)
+
+
+def awm_on_batch(policy: Policy, traj, sl: slice, adv: torch.Tensor, cond: PromptEmbeds, cfg: C.Config,
+                 scale: float, epoch: int) -> dict:
+    """Accumulate gradients of the advantage-weighted matching loss over `train.awm_draws` renoisings of
+    the batch's final samples (train.objective = "awm").
+
+    What is fitted is the prompt-conditional velocity, as in pretraining, whatever guidance the rollouts
+    used: guided rollouts then teach the unguided model what guidance and the reward prefer.
+    """
+    tc = cfg.train
+    model = policy.model
+    x0 = traj.states[sl, -1]
+    c = cond.index(sl)
+    stats = {"kl": [], "loss": []}
+    for d in range(tc.awm_draws):
+        sigma, noise = awm_noise(cfg, epoch, sl, d, tuple(x0.shape[1:]))
+        sigma, noise = sigma.to(x0.device), noise.to(x0.device)
+        s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+        x = (1 - s) * x0 + s * noise
+        v = model.velocity(x, sigma, c)
+        loss = advantage_weighted_matching_loss(v, x0, noise, adv[sl])
+        if tc.beta > 0:
+            v_ref = policy.reference_velocity(x, sigma, c, None, 1.0)
+            kl = (v.float() - v_ref.float()).pow(2).flatten(1).mean(1).mean()
+            loss = loss + tc.beta * kl
+            stats["kl"].append(kl.detach())
+        (loss * scale).backward()
         stats["loss"].append(loss.detach())
     return stats
 
@@ -369,7 +421,8 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         t0 = time.time()
         policy.model.denoiser.train()
         logprob_gap = None
-        if recomputes_log_probs(cfg):
+        awm = tc.objective == "awm"
+        if recomputes_log_probs(cfg) and not awm:
             with nvtx_range("recompute log-probs"):
                 logprob_gap = recompute_log_probs(policy, traj, steps, cond, uncond, cfg)
         stats = {"ratio": [], "clipped": [], "kl": [], "loss": []}
@@ -380,11 +433,15 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
             for k, b in enumerate(order):
                 sl = slice(b * sc.batch_size, (b + 1) * sc.batch_size)
                 with nvtx_range("train batch"):
-                    s = train_on_batch(policy, traj, sl, steps, adv, cond, uncond, cfg,
-                                       1.0 / (len(steps) * tc.grad_accum))
-                if inner == 0 and k == 0:
+                    if awm:
+                        s = awm_on_batch(policy, traj, sl, adv, cond, cfg, 1.0 / (tc.awm_draws * tc.grad_accum),
+                                         epoch)
+                    else:
+                        s = train_on_batch(policy, traj, sl, steps, adv, cond, uncond, cfg,
+                                           1.0 / (len(steps) * tc.grad_accum))
+                if inner == 0 and k == 0 and not awm:
                     check_on_policy(torch.cat(s["ratio"]), tc.ratio_tol, epoch)
-                for key in stats:
+                for key in s:
                     stats[key] += s[key]
                 if (k + 1) % tc.grad_accum == 0:
                     with nvtx_range("optimizer step"):
@@ -402,15 +459,17 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         wall += time.time() - t_epoch
 
         # metrics
-        ratio = torch.cat(stats["ratio"])
+        ratio = torch.cat(stats["ratio"]) if stats["ratio"] else None  # none under train.objective = "awm"
         row = {
             "epoch": epoch + 1, "opt_steps": opt_steps, "wall": round(wall, 2),
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(correction=0)),
             "strict_accuracy": float(np.mean(rew["strict"])) if "strict" in rew else None,
             "kl": float(torch.stack(stats["kl"]).mean()) if stats["kl"] else 0.0,
             "loss": float(torch.stack(stats["loss"]).mean()),
-            "clip_fraction": float(torch.cat(stats["clipped"]).mean()),
-            "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
+            "clip_fraction": float(torch.cat(stats["clipped"]).mean()) if ratio is not None else None,
+            "ratio_mean": float(ratio.mean()) if ratio is not None else None,
+            "ratio_min": float(ratio.min()) if ratio is not None else None,
+            "ratio_max": float(ratio.max()) if ratio is not None else None,
             "logprob_gap": logprob_gap,
             "zero_var_groups": zero_variance_fraction(rewards, group_ids),
             "diversity": group_diversity(images_u8, sc.group_size),
@@ -426,9 +485,11 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
             for k_, v_ in row.items():
                 if isinstance(v_, (int, float)):
                     writer.add_scalar(f"train/{k_}", v_, epoch + 1)
+        policy_stats = (f"clip {row['clip_fraction']:.2f} ratio [{row['ratio_min']:.4f},{row['ratio_max']:.4f}]"
+                        if ratio is not None else f"loss {row['loss']:+.2e}")
         print(f"epoch {epoch + 1}/{tc.epochs} reward {row['reward_mean']:.3f}±{row['reward_std']:.3f} "
-              f"strict {row['strict_accuracy'] if row['strict_accuracy'] is None else round(row['strict_accuracy'], 3)} kl {row['kl']:.2e} clip {row['clip_fraction']:.2f} "
-              f"ratio [{row['ratio_min']:.4f},{row['ratio_max']:.4f}] zero-var {row['zero_var_groups']:.2f} "
+              f"strict {row['strict_accuracy'] if row['strict_accuracy'] is None else round(row['strict_accuracy'], 3)} kl {row['kl']:.2e} "
+              f"{policy_stats} zero-var {row['zero_var_groups']:.2f} "
               f"div {row['diversity']:.3f} | rollout {t_rollout:.1f}s reward {t_reward:.1f}s train {t_train:.1f}s",
               flush=True)
 

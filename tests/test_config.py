@@ -87,3 +87,9 @@ def test_resolved_config_round_trips(tmp_path):
     path = C.save(cfg, tmp_path)
     again = C.load(path)
     assert C.to_dict(again) == C.to_dict(cfg)
+
+
+@pytest.mark.parametrize("bad", ["[0.0, 1.0]", "[0.8, 0.6]", "[0.5, 1.2]", "[0.5]"])
+def test_awm_sigma_range_is_checked(bad):
+    with pytest.raises(C.ConfigError, match="train.awm_sigma must be two numbers"):
+        C.load(None, [f"train.awm_sigma={bad}"])

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fgrpo.grpo import RewardError, clipped_policy_loss, group_advantages, zero_variance_fraction
+from fgrpo.grpo import (RewardError, advantage_weighted_matching_loss, clipped_policy_loss, group_advantages,
+                        zero_variance_fraction)
 
 
 def test_group_advantages_normalise_within_groups():
@@ -61,3 +62,29 @@ def test_clipped_loss_ratio_one_and_clipping():
     loss2, _ = clipped_policy_loss(lp2, torch.zeros(2), torch.tensor([1.0, -1.0]), 0.1)
     loss2.backward()
     assert torch.equal(lp2.grad, torch.zeros(2))
+
+
+def test_advantage_weighted_matching_loss_is_the_weighted_flow_matching_loss():
+    g = torch.Generator().manual_seed(0)
+    v, x0, noise = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
+    adv = torch.tensor([1.5, -0.5, -1.0])
+    per_sample = [((v[i] - (noise[i] - x0[i])) ** 2).mean() for i in range(3)]
+    expected = sum(a * l for a, l in zip(adv.tolist(), per_sample)) / 3
+    assert advantage_weighted_matching_loss(v, x0, noise, adv).item() == pytest.approx(expected.item(), rel=1e-6)
+    # bf16 velocities are scored in fp32
+    assert advantage_weighted_matching_loss(v.bfloat16(), x0, noise, adv).dtype == torch.float32
+
+
+def test_advantage_weighted_matching_fits_the_better_sample_and_leaves_the_worse():
+    """One gradient step on a free velocity: the target of the positive-advantage sample gets closer, the
+    other's farther; with zero advantages nothing moves."""
+    x0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    noise = torch.zeros(2, 2)
+    v = torch.zeros(2, 2, requires_grad=True)
+    advantage_weighted_matching_loss(v, x0, noise, torch.tensor([1.0, -1.0])).backward()
+    v_new = v.detach() - 0.1 * v.grad
+    err = lambda vv, i: ((vv[i] - (noise[i] - x0[i])) ** 2).sum().item()
+    assert err(v_new, 0) < err(v.detach(), 0) and err(v_new, 1) > err(v.detach(), 1)
+    v.grad = None
+    advantage_weighted_matching_loss(v, x0, noise, torch.zeros(2)).backward()
+    assert torch.count_nonzero(v.grad) == 0

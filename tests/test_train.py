@@ -13,8 +13,8 @@ from fgrpo.grpo import RewardError
 from fgrpo.models import load_model
 from fgrpo.rollout import rollout
 from fgrpo.sampling import flow_sigmas, unconditional
-from fgrpo.train import (Policy, PolicyMismatchError, check_on_policy, recompute_log_probs, recomputes_log_probs, train,
-                         train_on_batch)
+from fgrpo.train import (Policy, PolicyMismatchError, awm_noise, check_on_policy, recompute_log_probs,
+                         recomputes_log_probs, train, train_on_batch)
 
 PROMPTS = ["a red circle", "two squares", "a cross left of a circle", "a blue triangle and a white square"]
 
@@ -154,6 +154,40 @@ def test_training_raises_an_easy_reward(tmp_path, tiny_model_dir):
     assert (out / "model" / "fgrpo_model.json").is_file()
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_advantage_weighted_matching_raises_an_easy_reward(tmp_path, tiny_model_dir, shared):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, reward__name='"brightness"', train__epochs=12, train__beta=0.0,
+                   sample__guidance_scale=1.0, train__ema_decay=0.0, train__objective='"awm"', train__lr=1e-3,
+                   train__awm_shared_noise=str(shared).lower())
+    train(cfg)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = np.mean([r["reward_mean"] for r in rows[:3]]), np.mean([r["reward_mean"] for r in rows[-3:]])
+    assert last > first + 0.02, (first, last)
+    assert all(r["ratio_mean"] is None and r["clip_fraction"] is None for r in rows)  # no ratio in this objective
+
+
+def test_advantage_weighted_matching_kl_is_zero_before_the_first_update(tmp_path, tiny_model_dir):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, reward__name='"brightness"', train__epochs=2, train__beta=0.5,
+                   train__objective='"awm"', train__grad_accum=2)  # one optimizer step per epoch
+    train(cfg)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0.0
+
+
+def test_awm_noise_is_per_image_or_per_group_and_independent_of_batching(tmp_path, tiny_model_dir):
+    for shared in (True, False):
+        cfg = tiny_cfg(tmp_path, tiny_model_dir, train__awm_shared_noise=str(shared).lower(), train__awm_sigma=[0.5, 0.7])
+        sig, noise = awm_noise(cfg, 3, slice(0, 8), 1, (3, 2, 2))
+        sig2, noise2 = awm_noise(cfg, 3, slice(2, 6), 1, (3, 2, 2))
+        assert torch.equal(sig[2:6], sig2) and torch.equal(noise[2:6], noise2)
+        assert ((sig >= 0.5) & (sig <= 0.7)).all()
+        same = torch.equal(noise[0], noise[3])  # images 0 and 3 are one group (group_size 4); 4 starts the next
+        assert same == shared and not torch.equal(noise[3], noise[4])
+        other_draw, _ = awm_noise(cfg, 3, slice(0, 8), 2, (3, 2, 2))
+        other_epoch, _ = awm_noise(cfg, 4, slice(0, 8), 1, (3, 2, 2))
+        assert not torch.equal(sig, other_draw) and not torch.equal(sig, other_epoch)
+
+
 def test_shuffled_advantages_are_a_control_that_learns_nothing_from_the_reward(tmp_path, tiny_model_dir):
     gains = {}
     for shuffle in (False, True):
@@ -167,12 +201,14 @@ def test_shuffled_advantages_are_a_control_that_learns_nothing_from_the_reward(t
     assert gains[False] > 0.02 and gains[True] < gains[False] / 2, gains
 
 
-def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_model_dir):
-    full = tiny_cfg(tmp_path / "a", tiny_model_dir, reward__name='"brightness"', train__epochs=4)
+@pytest.mark.parametrize("objective", ["grpo", "awm"])
+def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_model_dir, objective):
+    extra = {"train__objective": f'"{objective}"'}
+    full = tiny_cfg(tmp_path / "a", tiny_model_dir, reward__name='"brightness"', train__epochs=4, **extra)
     train(full)
     rows_full = [json.loads(l) for l in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
 
-    part = tiny_cfg(tmp_path / "b", tiny_model_dir, reward__name='"brightness"', train__epochs=2)
+    part = tiny_cfg(tmp_path / "b", tiny_model_dir, reward__name='"brightness"', train__epochs=2, **extra)
     train(part)
     # Resume with a longer schedule (the saved config is reused, with epochs raised by --set).
     resumed = C.load(tmp_path / "b" / "run" / "config.toml", ["train.epochs=4"])
@@ -184,6 +220,7 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_model_dir):
     for a, b in zip(rows_full, rows_res):
         for key in ("reward_mean", "reward_std", "kl", "ratio_mean", "loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (key, a["epoch"])
+    assert rows_full[-1]["reward_mean"] != rows_full[0]["reward_mean"]  # the policy moved
 
 
 def test_nan_reward_stops_with_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
