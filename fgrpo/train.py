@@ -337,6 +337,7 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     n_images = sc.group_size * sc.groups_per_epoch
     n_batches = n_images // sc.batch_size
     uncond = unconditional(model, sc.batch_size) if sc.guidance_scale != 1.0 else None
+    awm = tc.objective == "awm"  # advantage-weighted matching instead of the clipped surrogate
 
     history: list[dict] = []
     evals: list[dict] = []
@@ -421,7 +422,6 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         t0 = time.time()
         policy.model.denoiser.train()
         logprob_gap = None
-        awm = tc.objective == "awm"
         if recomputes_log_probs(cfg) and not awm:
             with nvtx_range("recompute log-probs"):
                 logprob_gap = recompute_log_probs(policy, traj, steps, cond, uncond, cfg)

@@ -21,10 +21,10 @@ gradients that do not depend on x0 cancel instead of adding noise.
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import fgrpo.train as T
 from fgrpo import config as C
+from fgrpo.grpo import advantage_weighted_matching_loss
 from fgrpo.sampling import guided_velocity
 
 USAGE = "usage: python docs/probes/awm_train.py {logitnormal|high} DRAWS [--shared] [section.key=value ...]"
@@ -73,8 +73,7 @@ if __name__ == "__main__":
             noise = noise.to(x0.device)
             s = sigma.view(-1, 1, 1, 1)
             v = guided_velocity(model, (1 - s) * x0 + s * noise, sigma, c, u, cfg.sample.guidance_scale)
-            per_image = F.mse_loss(v, noise - x0, reduction="none").flatten(1).mean(1)
-            loss = (a * per_image).mean()
+            loss = advantage_weighted_matching_loss(v, x0, noise, a)
             (loss / (draws * cfg.train.grad_accum)).backward()
             losses.append(loss.detach())
         ones = torch.ones(n, device=x0.device)
