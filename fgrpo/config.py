@@ -72,6 +72,13 @@ class SampleConfig:
                             "and repeated inside it; the policy is the Gaussian of the tiles' means. 1 = white noise "
                             "(the paper). Larger tiles explore in fewer, coarser dimensions, which small batches "
                             "estimate better; must divide the state's height and width.", ge=1)
+    task_sampling: str = knob("uniform", "How each epoch's prompts are drawn (shapes prompts): 'uniform' draws task "
+                              "types uniformly; 'signal' draws them in proportion to their recent within-group reward "
+                              "spread, so task types the model already solves (all-equal groups, no learning signal) "
+                              "give their rollouts to the ones it does not.", choices=("uniform", "signal"))
+    task_floor: float = knob(0.05, "task_sampling='signal': a task type's weight never falls below this (in reward-std "
+                             "units), so a solved task is still sampled now and then and its regressions are seen.",
+                             ge=0.0, le=1.0)
     window_range: list = knob([0, 5], "Steps [first, last) from which the SDE window's start is drawn each epoch.")
     seed: int = knob(0, "Seed for prompt choice and noise; a run is reproducible for a given seed.", ge=0)
     sde_backend: str = knob("auto", "SDE step implementation: 'auto' (the fused op: Triton on CUDA, native C++ on "

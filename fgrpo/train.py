@@ -123,16 +123,51 @@ def _set_adapters(module: torch.nn.Module, enabled: bool) -> None:
 # ---------------------------------------------------------------------------- epoch pieces
 
 
-def choose_prompts(pool: list[str], k: int, rng: random.Random) -> list[str]:
-    """k prompts with task types drawn uniformly (shapes prompts), else uniformly from the pool."""
+def prompt_task(prompt: str) -> str:
+    """The shapes task type of a prompt, "other" for any other prompt."""
+    try:
+        return shapes.parse_prompt(prompt).task
+    except ValueError:
+        return "other"
+
+
+def choose_prompts(pool: list[str], k: int, rng: random.Random, weights: dict[str, float] | None = None) -> list[str]:
+    """k prompts: a task type drawn (uniformly, or by `weights`), then a prompt of it uniformly."""
     by_task: dict[str, list[str]] = {}
     for p in pool:
-        try:
-            by_task.setdefault(shapes.parse_prompt(p).task, []).append(p)
-        except ValueError:
-            by_task.setdefault("other", []).append(p)
+        by_task.setdefault(prompt_task(p), []).append(p)
     tasks = sorted(by_task)
-    return [rng.choice(by_task[rng.choice(tasks)]) for _ in range(k)]
+    if weights is None:
+        return [rng.choice(by_task[rng.choice(tasks)]) for _ in range(k)]
+    w = [weights.get(t, 1.0) for t in tasks]
+    return [rng.choice(by_task[t]) for t in rng.choices(tasks, weights=w, k=k)]
+
+
+def task_reward_spread(rewards: torch.Tensor, group_ids: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """Mean within-group reward standard deviation per task type: how much a task's groups have to learn from."""
+    spread: dict[str, list[float]] = {}
+    for g in torch.unique(group_ids).tolist():
+        idx = (group_ids == g).nonzero().flatten()
+        spread.setdefault(prompt_task(prompts[int(idx[0])]), []).append(float(rewards[idx].std(correction=0)))
+    return {t: sum(v) / len(v) for t, v in sorted(spread.items())}
+
+
+def task_weights(history: list[dict], tasks: list[str], floor: float, memory: float = 0.7) -> dict[str, float] | None:
+    """Sampling weights of `tasks` from the run's epochs so far (`sample.task_sampling = "signal"`).
+
+    Each task's weight is an exponential average (`memory` per epoch it was drawn in) of its groups'
+    within-group reward spread, never below `floor`; a task not drawn yet gets the largest weight
+    (or 1), so every task is tried. Computed from the logged history alone, so a resumed run draws
+    the same prompts as an uninterrupted one. None before the first epoch (uniform).
+    """
+    level: dict[str, float] = {}
+    for row in history:
+        for t, v in (row.get("task_reward_spread") or {}).items():
+            level[t] = v if t not in level else memory * level[t] + (1 - memory) * v
+    if not level:
+        return None
+    unseen = max(max(level.values()), floor, 1e-6)
+    return {t: max(level[t], floor, 1e-6) if t in level else unseen for t in tasks}
 
 
 def trained_steps(sc: C.SampleConfig, tc: C.TrainConfig, rng: random.Random) -> list[int]:
@@ -313,6 +348,7 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         sc, tc, rc = cfg.sample, cfg.train, cfg.run
     # Bad prompt sets fail before anything is written or loaded.
     pool = resolve_prompts(cfg.reward.prompts, shapes_only=cfg.reward.name.startswith("shapes"))
+    pool_tasks = sorted({prompt_task(p) for p in pool})
     resolve_prompts(cfg.eval.prompts, shapes_only=True)
     out.mkdir(parents=True, exist_ok=True)
     C.save(cfg, out)
@@ -386,7 +422,8 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     for epoch in range(start_epoch, tc.epochs):
         t_epoch = time.time()
         rng = random.Random(sc.seed * 100_003 + epoch)
-        prompts_g = choose_prompts(pool, sc.groups_per_epoch, rng)
+        weights = task_weights(history, pool_tasks, sc.task_floor) if sc.task_sampling == "signal" else None
+        prompts_g = choose_prompts(pool, sc.groups_per_epoch, rng, weights)
         prompts = [p for p in prompts_g for _ in range(sc.group_size)]
         group_ids = torch.arange(sc.groups_per_epoch).repeat_interleave(sc.group_size)
         steps = trained_steps(sc, tc, rng)
@@ -472,6 +509,7 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
             "ratio_max": float(ratio.max()) if ratio is not None else None,
             "logprob_gap": logprob_gap,
             "zero_var_groups": zero_variance_fraction(rewards, group_ids),
+            "task_reward_spread": task_reward_spread(rewards, group_ids, prompts),
             "diversity": group_diversity(images_u8, sc.group_size),
             **quality_proxies(images_u8),
             "t_rollout": round(t_rollout, 2), "t_reward": round(t_reward, 2), "t_train": round(t_train, 2),

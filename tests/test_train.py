@@ -13,8 +13,9 @@ from fgrpo.grpo import RewardError
 from fgrpo.models import load_model
 from fgrpo.rollout import rollout
 from fgrpo.sampling import flow_sigmas, unconditional
-from fgrpo.train import (Policy, PolicyMismatchError, awm_noise, check_on_policy, recompute_log_probs,
-                         recomputes_log_probs, train, train_on_batch)
+from fgrpo.train import (Policy, PolicyMismatchError, awm_noise, check_on_policy, choose_prompts,
+                         recompute_log_probs, recomputes_log_probs, task_reward_spread, task_weights, train,
+                         train_on_batch)
 
 PROMPTS = ["a red circle", "two squares", "a cross left of a circle", "a blue triangle and a white square"]
 
@@ -201,9 +202,9 @@ def test_shuffled_advantages_are_a_control_that_learns_nothing_from_the_reward(t
     assert gains[False] > 0.02 and gains[True] < gains[False] / 2, gains
 
 
-@pytest.mark.parametrize("objective", ["grpo", "awm"])
-def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_model_dir, objective):
-    extra = {"train__objective": f'"{objective}"'}
+@pytest.mark.parametrize("objective, sampling", [("grpo", "uniform"), ("awm", "uniform"), ("grpo", "signal")])
+def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_model_dir, objective, sampling):
+    extra = {"train__objective": f'"{objective}"', "sample__task_sampling": f'"{sampling}"'}
     full = tiny_cfg(tmp_path / "a", tiny_model_dir, reward__name='"brightness"', train__epochs=4, **extra)
     train(full)
     rows_full = [json.loads(l) for l in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -220,6 +221,7 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_model_dir, ob
     for a, b in zip(rows_full, rows_res):
         for key in ("reward_mean", "reward_std", "kl", "ratio_mean", "loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (key, a["epoch"])
+        assert a["task_reward_spread"].keys() == b["task_reward_spread"].keys()  # the same prompts were drawn
     assert rows_full[-1]["reward_mean"] != rows_full[0]["reward_mean"]  # the policy moved
 
 
@@ -309,3 +311,28 @@ def test_a_latent_model_trains_and_exports_with_its_autoencoder(tmp_path, tiny_l
     exported = load_model(C.from_dict({**C.to_dict(cfg), "model": {**C.to_dict(cfg)["model"],
                                                                    "path": str(tmp_path / "run" / "model")}}).model)
     assert exported.vae is not None and exported.state_shape == (4, 4, 4)
+
+
+def test_task_reward_spread_and_weights_follow_the_learning_signal():
+    prompts = ["a circle"] * 4 + ["a red circle and a blue square"] * 4 + ["two squares"] * 4
+    rewards_ = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.5, 1.0, 0.5, 1.0])
+    spread = task_reward_spread(rewards_, torch.arange(3).repeat_interleave(4), prompts)
+    assert spread == pytest.approx({"single_object": 0.0, "color_attr": 0.5, "counting": 0.25})
+    tasks = ["color_attr", "counting", "position", "single_object"]
+    assert task_weights([], tasks, 0.05) is None  # nothing measured yet: uniform
+    w = task_weights([{"task_reward_spread": spread}], tasks, 0.05)
+    # A solved task keeps the floor, one never drawn gets the largest weight so that it is tried.
+    assert w == pytest.approx({"color_attr": 0.5, "counting": 0.25, "position": 0.5, "single_object": 0.05})
+    w2 = task_weights([{"task_reward_spread": spread}, {"task_reward_spread": {"color_attr": 0.1}}], tasks, 0.05)
+    assert w2["color_attr"] == pytest.approx(0.7 * 0.5 + 0.3 * 0.1) and w2["counting"] == pytest.approx(0.25)
+
+
+def test_choose_prompts_draws_task_types_by_weight():
+    import random
+    pool = ["a circle", "a square", "two squares", "three circles", "a red circle and a blue square"]
+    uniform = choose_prompts(pool, 600, random.Random(0))
+    assert sum(p in ("a circle", "a square") for p in uniform) == pytest.approx(200, abs=45)
+    drawn = choose_prompts(pool, 600, random.Random(0), {"single_object": 0.05, "counting": 1.0, "color_attr": 1.0})
+    assert sum(p in ("a circle", "a square") for p in drawn) < 40
+    assert sum(p in ("two squares", "three circles") for p in drawn) == pytest.approx(293, abs=45)
+    assert set(drawn) == set(pool)  # every prompt of a drawn task type can come up
