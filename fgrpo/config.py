@@ -148,8 +148,10 @@ class TrainConfig:
 class RewardConfig:
     name: str = knob("shapes", "Reward: 'shapes' (GenEval-style partial credit), 'shapes_strict' (1 only when fully "
                      "correct), 'shapes_exact' (partial credit scaled down by extra objects, which GenEval does not "
-                     "charge for), or 'brightness' (test reward).",
-                     choices=("shapes", "shapes_strict", "shapes_exact", "brightness"))
+                     "charge for), 'shapes_soft' ('shapes_exact' with each shape's label a probability from the "
+                     "detector's template correlations, so drawing the named shape distinctly pays), or "
+                     "'brightness' (test reward).",
+                     choices=("shapes", "shapes_strict", "shapes_exact", "shapes_soft", "brightness"))
     prompts: str = knob("train", "Prompt set rollouts draw from: 'train', 'test', either limited to task types ('train:position', 'train:colors,counting'), or a path to a text file (one prompt per line).")
 
 

@@ -39,6 +39,17 @@ def shapes_exact_reward(prompts: list[str], images: np.ndarray) -> dict:
     return {"reward": (s["reward"] * (n / (n + s["extra"])) ** 2).astype(np.float32), "strict": s["strict"]}
 
 
+def shapes_soft_reward(prompts: list[str], images: np.ndarray) -> dict:
+    """`shapes_exact` with soft shape labels: each component's shape is the softmax of its template
+    correlations, so a blob that is only just more a square than a circle earns little for "square"
+    and a distinct square earns full credit (`fgrpo.tasks.shapes.soft_score`). The hard labels of small
+    shapes flip on near-equal correlations; this credit moves smoothly with the image instead. Extra
+    shapes are charged as in `shapes_exact`; the strict result is GenEval's, unchanged."""
+    s = shapes.score_images(prompts, images)
+    n = np.array([shapes.named_count(p) for p in prompts], np.float32)
+    return {"reward": (s["soft"] * (n / (n + s["extra"])) ** 2).astype(np.float32), "strict": s["strict"]}
+
+
 def brightness_reward(prompts: list[str], images: np.ndarray) -> dict:
     """Mean brightness in [0, 1]: a trivially learnable reward for tests and smoke runs."""
     return {"reward": images.reshape(len(images), -1).mean(axis=1).astype(np.float32) / 255.0}
@@ -48,6 +59,7 @@ REWARDS: dict[str, RewardFn] = {
     "shapes": shapes_reward,
     "shapes_strict": shapes_strict_reward,
     "shapes_exact": shapes_exact_reward,
+    "shapes_soft": shapes_soft_reward,
     "brightness": brightness_reward,
 }
 

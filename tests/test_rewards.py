@@ -53,7 +53,7 @@ def test_quality_drift_flags_only_what_left_its_limits(scenes):
 
 
 def test_unknown_reward_names_the_known_ones():
-    with pytest.raises(KeyError, match="shapes, shapes_strict, shapes_exact, brightness"):
+    with pytest.raises(KeyError, match="shapes, shapes_strict, shapes_exact, shapes_soft, brightness"):
         get_reward("clip")
 
 
@@ -124,3 +124,38 @@ def test_overall_standard_error_follows_the_binomial_and_shrinks_with_images():
     assert table(16, 8)["strict_se"] > table(64, 32)["strict_se"] > t["strict_se"]
     # 4 of 4 right is not certainty
     assert table(4, 4)["strict_se"] > 0.1
+
+
+def test_soft_reward_pays_for_distinct_named_shapes():
+    rng = np.random.default_rng(2)
+    prompts = S.load_prompts("train")
+    sel = [prompts[i] for i in rng.choice(len(prompts), 48, replace=False)]
+    scored = S.score_images(sel, S.render_batch(sel, seed=4))
+    assert scored["strict"].all()
+    assert scored["soft"].min() > 0.75 and scored["soft"].mean() > 0.9  # correct renderings earn nearly full credit
+    soft = get_reward("shapes_soft")
+    big = S._draw_scene([("cross", S.COLORS["red"])], np.array([[16.0, 16.0]]), np.array([14.0]), 32)
+    # The same cross drawn small: its template correlations come close together, so "cross" is less certain.
+    small = S._draw_scene([("cross", S.COLORS["red"])], np.array([[16.0, 16.0]]), np.array([5.0]), 32)
+    r = soft(["a red cross"] * 2, np.stack([big, small]))
+    assert r["strict"].tolist() == [True, True]
+    assert r["reward"][0] > 0.9 and r["reward"][1] < r["reward"][0]
+    circle = S._draw_scene([("circle", S.COLORS["red"])], np.array([[16.0, 16.0]]), np.array([14.0]), 32)
+    assert soft(["a red cross"], circle[None])["reward"][0] < 0.1  # the wrong shape earns next to nothing
+    blue = S._draw_scene([("cross", S.COLORS["blue"])], np.array([[16.0, 16.0]]), np.array([14.0]), 32)
+    assert soft(["a red cross"], blue[None])["reward"][0] == pytest.approx(0.5 * r["reward"][0], rel=0.05)
+
+
+def test_soft_position_and_assignment_follow_the_hard_rules():
+    soft = get_reward("shapes_soft")
+    left = S._draw_scene([("circle", S.COLORS["white"]), ("square", S.COLORS["white"])],
+                         np.array([[8.0, 16.0], [24.0, 16.0]]), np.array([10.0, 10.0]), 32)
+    circle = S._draw_scene([("circle", S.COLORS["white"])], np.array([[16.0, 16.0]]), np.array([10.0]), 32)
+    r = soft(["a circle left of a square", "a circle right of a square", "a circle and a square",
+              "a circle and a square"], np.stack([left, left, left, circle]))
+    assert r["strict"].tolist() == [True, False, True, False]
+    assert r["reward"][0] > 0.9 and r["reward"][1] == pytest.approx(2 / 3 * r["reward"][0], rel=0.05)
+    assert r["reward"][2] > 0.9
+    assert 0.4 < r["reward"][3] < 0.55  # one component cannot stand for both objects
+    empty = np.zeros((32, 32, 3), np.uint8)
+    assert soft(["a circle"], empty[None])["reward"].tolist() == [0.0]

@@ -416,8 +416,18 @@ def _templates() -> tuple[np.ndarray, np.ndarray]:
     return np.stack(feats), np.array(labels)
 
 
-def detect(image: np.ndarray) -> list[Detection]:
-    """The coloured shapes in a uint8 (H, W, 3) image."""
+@dataclass
+class Component:
+    """A coloured component with its best template correlation for each shape (in SHAPES order)."""
+    color: str
+    cx: float
+    cy: float
+    area: int
+    match: np.ndarray  # (len(SHAPES),)
+
+
+def components(image: np.ndarray) -> list[Component]:
+    """Every large enough coloured component of a uint8 (H, W, 3) image, matched against each shape."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"detect needs an (H, W, 3) image, got shape {image.shape}")
@@ -426,11 +436,24 @@ def detect(image: np.ndarray) -> list[Detection]:
     for c, mask, soft in _segment(image):
         cx, cy, sigma = _moments(soft)
         sims = feats @ _feature(soft, cx, cy, sigma)
-        best = max(range(len(SHAPES)), key=lambda s: sims[labels == s].max())
-        if sims[labels == best].max() < MATCH_THRESHOLD:
-            continue
-        out.append(Detection(SHAPES[best], _COLOR_NAMES[c], float(cx), float(cy), int(mask.sum())))
+        match = np.array([sims[labels == s].max() for s in range(len(SHAPES))])
+        out.append(Component(_COLOR_NAMES[c], float(cx), float(cy), int(mask.sum()), match))
     return out
+
+
+def detections(comps: list[Component]) -> list[Detection]:
+    """The components that are shapes (best match at least MATCH_THRESHOLD), named by their best match."""
+    out = []
+    for k in comps:
+        best = int(np.argmax(k.match))  # the first of equal matches, in SHAPES order
+        if k.match[best] >= MATCH_THRESHOLD:
+            out.append(Detection(SHAPES[best], k.color, k.cx, k.cy, k.area))
+    return out
+
+
+def detect(image: np.ndarray) -> list[Detection]:
+    """The coloured shapes in a uint8 (H, W, 3) image."""
+    return detections(components(image))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -470,25 +493,99 @@ def score(prompt: str, detections: list[Detection], size: int) -> tuple[bool, fl
     return all(right), partial
 
 
+# Soft scoring: the same clauses as score(), with each component's shape a probability instead of a
+# hard label. A small or blurred shape matches every template almost equally (0.96 vs 0.97), so the
+# hard label of such a blob is close to a coin flip; the soft one pays for drawing the named shape
+# distinctly, which moves smoothly with the image.
+SOFT_TEMPERATURE = 0.01  # softmax temperature over the template correlations
+SOFT_VALID_WIDTH = 0.01  # width of the sigmoid around MATCH_THRESHOLD that says "this is a shape"
+SOFT_RELATION_WIDTH = 1.0  # pixels: width of the sigmoid around a relation's margin
+
+
+def shape_probabilities(comp: Component) -> np.ndarray:
+    """(len(SHAPES),) probability that the component is each shape (summing to at most 1: the rest is
+    'not a shape')."""
+    z = (comp.match - comp.match.max()) / SOFT_TEMPERATURE
+    p = np.exp(z) / np.exp(z).sum()
+    valid = 1.0 / (1.0 + math.exp(-(comp.match.max() - MATCH_THRESHOLD) / SOFT_VALID_WIDTH))
+    return valid * p
+
+
+def _soft_relation(a: Component, b: Component, relation: str, m: float) -> float:
+    d = {"left of": b.cx - a.cx, "right of": a.cx - b.cx, "above": b.cy - a.cy, "below": a.cy - b.cy}[relation]
+    return 1.0 / (1.0 + math.exp(-(d - m) / SOFT_RELATION_WIDTH))
+
+
+def _best_pair(credit: np.ndarray) -> float:
+    """Largest credit[0, i] + credit[1, j] over distinct components i != j, either allowed to be none."""
+    if credit.shape[1] == 0:
+        return 0.0
+    best = max(credit[0].max(), credit[1].max())
+    for i in range(credit.shape[1]):
+        for j in range(credit.shape[1]):
+            if i != j:
+                best = max(best, credit[0, i] + credit[1, j])
+    return float(best)
+
+
+def soft_score(prompt: str, comps: list[Component], size: int) -> float:
+    """score()'s partial credit in [0, 1] with soft shape labels (see shape_probabilities)."""
+    spec = parse_prompt(prompt)
+    o = spec.objects
+    idx = {s: i for i, s in enumerate(SHAPES)}
+    q = np.array([shape_probabilities(k) for k in comps]).reshape(len(comps), len(SHAPES))
+
+    def of(x: ObjectSpec, colored: bool = False, wrong_color: float = 0.5) -> np.ndarray:
+        """Per component: the probability it is x, times wrong_color if colours count and it has another."""
+        c = q[:, idx[x.shape]]
+        if colored:
+            c = c * np.array([1.0 if k.color == x.color else wrong_color for k in comps])
+        return c
+
+    if not comps:
+        return 0.0
+    if spec.task == "single_object":
+        return float(of(o[0]).max())
+    if spec.task == "two_object":
+        return _best_pair(np.stack([of(o[0]), of(o[1])])) / 2
+    if spec.task == "counting":
+        n = o[0].count
+        return max(0.0, 1 - abs(float(of(o[0]).sum()) - n) / n)
+    if spec.task == "colors":
+        return float(of(o[0], colored=True).max())
+    if spec.task == "position":
+        a, b = of(o[0]), of(o[1])
+        rel = max((a[i] * b[j] * _soft_relation(comps[i], comps[j], spec.relation, 0.1 * size)
+                   for i in range(len(comps)) for j in range(len(comps)) if i != j), default=0.0)
+        return float(a.max() + b.max() + rel) / 3
+    # color_attr: half the credit per object, half of that for the shape in another colour
+    return _best_pair(np.stack([of(o[0], True), of(o[1], True)])) / 2
+
+
 def named_count(prompt: str) -> int:
     """How many objects the prompt asks for (a count's number, else the objects named)."""
     return sum(o.count for o in parse_prompt(prompt).objects)
 
 
 def score_images(prompts: list[str], images: np.ndarray) -> dict:
-    """Scores of uint8 (N, H, W, 3) images: {"strict": bool (N,), "reward": float32 (N,), "task": [str],
+    """Scores of uint8 (N, H, W, 3) images: {"strict": bool (N,), "reward": float32 (N,) partial credit,
+    "soft": float32 (N,) the same with soft shape labels (soft_score), "task": [str],
     "extra": int (N,) detected shapes beyond the number the prompt asks for}."""
     images = np.asarray(images)
     if images.ndim != 4 or len(prompts) != len(images):
         raise ValueError(f"need one (H, W, 3) image per prompt, got {len(prompts)} prompts and images {images.shape}")
     strict = np.zeros(len(prompts), bool)
     reward = np.zeros(len(prompts), np.float32)
+    soft = np.zeros(len(prompts), np.float32)
     extra = np.zeros(len(prompts), np.int64)
     for i, (p, img) in enumerate(zip(prompts, images)):
-        found = detect(img)
+        comps = components(img)
+        found = detections(comps)
         strict[i], reward[i] = score(p, found, size=img.shape[1])
+        soft[i] = soft_score(p, comps, size=img.shape[1])
         extra[i] = max(0, len(found) - named_count(p))
-    return {"strict": strict, "reward": reward, "task": [parse_prompt(p).task for p in prompts], "extra": extra}
+    return {"strict": strict, "reward": reward, "soft": soft, "task": [parse_prompt(p).task for p in prompts],
+            "extra": extra}
 
 
 def images_to_uint8(x: torch.Tensor) -> np.ndarray:
