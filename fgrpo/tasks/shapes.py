@@ -535,11 +535,11 @@ def soft_score(prompt: str, comps: list[Component], size: int) -> float:
     idx = {s: i for i, s in enumerate(SHAPES)}
     q = np.array([shape_probabilities(k) for k in comps]).reshape(len(comps), len(SHAPES))
 
-    def of(x: ObjectSpec, colored: bool = False, wrong_color: float = 0.5) -> np.ndarray:
-        """Per component: the probability it is x, times wrong_color if colours count and it has another."""
+    def of(x: ObjectSpec, colored: bool = False) -> np.ndarray:
+        """Per component: the probability it is x, halved if colours count and it has another colour."""
         c = q[:, idx[x.shape]]
         if colored:
-            c = c * np.array([1.0 if k.color == x.color else wrong_color for k in comps])
+            c = c * np.array([1.0 if k.color == x.color else 0.5 for k in comps])
         return c
 
     if not comps:
