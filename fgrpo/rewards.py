@@ -28,6 +28,12 @@ def shapes_strict_reward(prompts: list[str], images: np.ndarray) -> dict:
     return {"reward": s["strict"].astype(np.float32), "strict": s["strict"]}
 
 
+def _spare_factor(prompts: list[str], extra: np.ndarray) -> np.ndarray:
+    """(n / (n + extra))^2 per image: n the objects its prompt asks for, extra the shapes beyond them."""
+    n = np.array([shapes.named_count(p) for p in prompts], np.float32)
+    return (n / (n + extra)) ** 2
+
+
 def shapes_exact_reward(prompts: list[str], images: np.ndarray) -> dict:
     """Partial credit scaled by (n / (n + extra))^2: n the objects the prompt asks for, extra the
     shapes detected beyond them. GenEval's rules (and `shapes`) charge nothing for extra objects
@@ -35,8 +41,7 @@ def shapes_exact_reward(prompts: list[str], images: np.ndarray) -> dict:
     makes extra objects never pay: both shapes of a two-object prompt plus one extra earn 0.44, one
     shape alone 0.5 (unsquared it would be 0.67). The strict result is GenEval's, unchanged."""
     s = shapes.score_images(prompts, images)
-    n = np.array([shapes.named_count(p) for p in prompts], np.float32)
-    return {"reward": (s["reward"] * (n / (n + s["extra"])) ** 2).astype(np.float32), "strict": s["strict"]}
+    return {"reward": (s["reward"] * _spare_factor(prompts, s["extra"])).astype(np.float32), "strict": s["strict"]}
 
 
 def shapes_soft_reward(prompts: list[str], images: np.ndarray) -> dict:
@@ -46,8 +51,7 @@ def shapes_soft_reward(prompts: list[str], images: np.ndarray) -> dict:
     shapes flip on near-equal correlations; this credit moves smoothly with the image instead. Extra
     shapes are charged as in `shapes_exact`; the strict result is GenEval's, unchanged."""
     s = shapes.score_images(prompts, images)
-    n = np.array([shapes.named_count(p) for p in prompts], np.float32)
-    return {"reward": (s["soft"] * (n / (n + s["extra"])) ** 2).astype(np.float32), "strict": s["strict"]}
+    return {"reward": (s["soft"] * _spare_factor(prompts, s["extra"])).astype(np.float32), "strict": s["strict"]}
 
 
 def brightness_reward(prompts: list[str], images: np.ndarray) -> dict:
