@@ -187,6 +187,10 @@ class PretrainConfig:
                                 "(an object left out, a count off, a relation reversed, two colours swapped), "
                                 "as web alt-text often is; single objects and colours stay exact. 0: exact captions.",
                                 ge=0.0, le=1.0)
+    caption_errors: str = knob("all", "Which errors caption_noise makes: 'all' (an object left out, a count off, a "
+                               "relation reversed, two colours swapped, in equal measure by task) or 'omit' (only "
+                               "an object the caption names left out: a base that neglects objects, as "
+                               "SD-class models do).", choices=("all", "omit"))
     init: str = knob("", "Start from the model in this directory instead of a fresh one (model.* shape "
                      "settings and the autoencoder stage are then skipped). Empty: a fresh model.")
     out: str = knob("fgrpo/weights/embedded", "Where the trained weights are written.")

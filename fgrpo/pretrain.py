@@ -29,11 +29,12 @@ from fgrpo.models.embedded import EmbeddedFlowModel
 from fgrpo.tasks import shapes
 
 
-def scene_stream(prompts: list[str], batch_size: int, image_size: int, seed: int, caption_noise: float = 0.0):
+def scene_stream(prompts: list[str], batch_size: int, image_size: int, seed: int, caption_noise: float = 0.0,
+                 caption_errors: str = "all"):
     """Endless batches of (prompts, images in [-1, 1]) with task types drawn uniformly.
 
     With `caption_noise` > 0, each scene is drawn, with that probability, for a miscaptioned
-    version of its prompt (`shapes.miscaption`) while the batch keeps the true prompt.
+    version of its prompt (`shapes.miscaption` with `caption_errors`) while the batch keeps the true prompt.
     """
     by_task: dict[str, list[str]] = {}
     for p in prompts:
@@ -47,7 +48,7 @@ def scene_stream(prompts: list[str], batch_size: int, image_size: int, seed: int
         scenes: list = batch
         if caption_noise > 0:
             wrong = noise_rng.random(batch_size) < caption_noise
-            scenes = [shapes.miscaption(shapes.parse_prompt(p), noise_rng) if w else p for p, w in zip(batch, wrong)]
+            scenes = [shapes.miscaption(shapes.parse_prompt(p), noise_rng, caption_errors) if w else p for p, w in zip(batch, wrong)]
         images = shapes.render_batch(scenes, seed=seed * 7_919 + step, size=image_size)
         yield batch, shapes.uint8_to_tensor(images)
         step += 1
@@ -153,7 +154,8 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
 
     lr_at = lr_schedule(pc.lr, pc.warmup, pc.steps)
 
-    stream = scene_stream(shapes.load_prompts("train"), pc.batch_size, model.image_size, pc.seed, pc.caption_noise)
+    stream = scene_stream(shapes.load_prompts("train"), pc.batch_size, model.image_size, pc.seed, pc.caption_noise,
+                          pc.caption_errors)
     gen = torch.Generator().manual_seed(pc.seed)
     losses = []
     t0 = time.time()

@@ -71,6 +71,14 @@ def test_caption_noise_draws_that_share_of_scenes_wrong_and_keeps_the_true_capti
         strict = shapes.score_images(batch, shapes.images_to_uint8(x))["strict"].mean()
         # Task types are drawn uniformly and two of six (single objects, colours) stay exact.
         assert lo <= strict <= hi, (noise, strict)
+    # Object neglect only: every wrong scene has fewer objects than its caption names.
+    batch, x = next(scene_stream(prompts, 256, 32, seed=2, caption_noise=1.0, caption_errors="omit"))
+    scores = shapes.score_images(batch, shapes.images_to_uint8(x))
+    assert 1 / 3 - 0.1 <= scores["strict"].mean() <= 1 / 3 + 0.1
+    found = [len(shapes.detect(im)) for im in shapes.images_to_uint8(x)]
+    named = [sum(o.count for o in shapes.parse_prompt(p).objects) for p in batch]
+    compositional = [shapes.parse_prompt(p).task not in ("single_object", "colors") for p in batch]
+    assert all(f < n for f, n, c in zip(found, named, compositional) if c)
 
 
 def test_pretrain_can_continue_from_a_model_and_keeps_its_autoencoder(tmp_path):

@@ -250,11 +250,12 @@ def test_tensor_conversions_round_trip():
     assert out[0, 0, :, 0].tolist() == [0, 128, 255]
 
 
+@pytest.mark.parametrize("errors", S.CAPTION_ERRORS)
 @pytest.mark.parametrize("task", S.TASKS)
-def test_miscaptioned_scenes_fail_compositional_prompts_and_keep_simple_ones(task):
+def test_miscaptioned_scenes_fail_compositional_prompts_and_keep_simple_ones(task, errors):
     rng = np.random.default_rng(3)
     prompts = S.all_prompts(task)[:12]
-    specs = [S.miscaption(S.parse_prompt(p), rng) for p in prompts]
+    specs = [S.miscaption(S.parse_prompt(p), rng, errors) for p in prompts]
     strict = S.score_images(prompts, S.render_batch(specs, seed=7))["strict"]
     if task in ("single_object", "colors"):
         assert strict.all()  # alt-text gets these right: the scene is the prompt's
@@ -263,3 +264,13 @@ def test_miscaptioned_scenes_fail_compositional_prompts_and_keep_simple_ones(tas
     # The error is a near miss, not an unrelated scene: the shapes stay those of the prompt.
     for p, s in zip(prompts, specs):
         assert {o.shape for o in s.objects} <= {o.shape for o in S.parse_prompt(p).objects}
+        if errors == "omit":  # exactly one named object is missing, the rest are drawn as named
+            named = S.parse_prompt(p).objects
+            drawn = sum(o.count for o in s.objects)
+            assert drawn == sum(o.count for o in named) - (task not in ("single_object", "colors"))
+            assert s.relation is None or task in ("single_object", "colors")
+
+
+def test_unknown_caption_errors_are_rejected():
+    with pytest.raises(ValueError, match="omit"):
+        S.miscaption(S.parse_prompt("two circles"), np.random.default_rng(0), "swap")

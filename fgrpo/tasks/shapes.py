@@ -260,14 +260,28 @@ def _draw_scene(objects: list[tuple[str, tuple[int, int, int]]], centres: np.nda
 _OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
-def miscaption(spec: PromptSpec, rng: np.random.Generator) -> PromptSpec:
+CAPTION_ERRORS = ("all", "omit")
+
+
+def miscaption(spec: PromptSpec, rng: np.random.Generator, errors: str = "all") -> PromptSpec:
     """A scene a sloppy caption of `spec` might describe: the error a web caption makes.
 
-    Two objects lose one, a count is off, a relation is reversed, two colours are swapped.
-    Single objects and single colours come back unchanged: alt-text gets those right, and
-    SD-class base models are strong at exactly these GenEval tasks.
+    `errors="all"`: two objects lose one, a count is off, a relation is reversed, two colours are
+    swapped. `errors="omit"`: the caption names an object the scene leaves out (two objects lose
+    one, a count is one short, a position or colour-binding scene keeps one of its two objects), the
+    error behind text-to-image models' object neglect. Single objects and single colours come back
+    unchanged either way: alt-text gets those right, and SD-class base models are strong at exactly
+    these GenEval tasks.
     """
+    if errors not in CAPTION_ERRORS:
+        raise ValueError(f"errors must be one of {CAPTION_ERRORS}, got {errors!r}")
     o = spec.objects
+    if spec.task in ("single_object", "colors"):
+        return spec
+    if errors == "omit":
+        if spec.task == "counting":
+            return PromptSpec("counting", (ObjectSpec(o[0].shape, o[0].color, o[0].count - 1),))
+        return PromptSpec("single_object", (o[int(rng.integers(2))],))
     if spec.task == "two_object":
         return PromptSpec("single_object", (o[int(rng.integers(2))],))
     if spec.task == "counting":
