@@ -81,14 +81,20 @@ def test_caption_noise_draws_that_share_of_scenes_wrong_and_keeps_the_true_capti
     assert all(f < n for f, n, c in zip(found, named, compositional) if c)
 
 
-def test_pretrain_can_continue_from_a_model_and_keeps_its_autoencoder(tmp_path):
+def test_pretrain_can_continue_from_a_model_and_keeps_its_autoencoder(tmp_path, monkeypatch):
     first = tmp_path / "first"
     pretrain(tiny_pretrain_cfg(first, "model.latent_channels=4", "model.patch_size=1", "pretrain.vae_steps=2"),
              progress=False)
     base = EmbeddedFlowModel.from_pretrained(first / "model")
     # The model.* shape settings are ignored: the model comes from `init`.
+    errors_used = []
+    miscaption = shapes.miscaption
+    monkeypatch.setattr(shapes, "miscaption", lambda spec, rng, errors: errors_used.append(errors) or
+                        miscaption(spec, rng, errors))
     summary = pretrain(tiny_pretrain_cfg(tmp_path, "model.image_size=32", f'pretrain.init="{first / "model"}"',
-                                         "pretrain.caption_noise=0.5"), progress=False)
+                                         "pretrain.caption_noise=0.5", "pretrain.caption_errors=omit"),
+                       progress=False)
+    assert errors_used and set(errors_used) == {"omit"}  # the setting reaches the scene stream
     assert summary["init"] == str(first / "model") and "vae_steps" not in summary
     tuned = EmbeddedFlowModel.from_pretrained(tmp_path / "model")
     assert tuned.state_shape == base.state_shape == (4, 4, 4)
