@@ -264,11 +264,11 @@ def test_miscaptioned_scenes_fail_compositional_prompts_and_keep_simple_ones(tas
     # The error is a near miss, not an unrelated scene: the shapes stay those of the prompt.
     for p, s in zip(prompts, specs):
         assert {o.shape for o in s.objects} <= {o.shape for o in S.parse_prompt(p).objects}
-        if errors == "omit":  # exactly one named object is missing, the rest are drawn as named
+        if errors == "omit":  # exactly one named object is missing, and no relation is left to get wrong
             named = S.parse_prompt(p).objects
             drawn = sum(o.count for o in s.objects)
             assert drawn == sum(o.count for o in named) - (task not in ("single_object", "colors"))
-            assert s.relation is None or task in ("single_object", "colors")
+            assert s.relation is None
 
 
 def test_unknown_caption_errors_are_rejected():
