@@ -278,11 +278,9 @@ def miscaption(spec: PromptSpec, rng: np.random.Generator, errors: str = "all") 
     o = spec.objects
     if spec.task in ("single_object", "colors"):
         return spec
-    if errors == "omit":
-        if spec.task == "counting":
-            return PromptSpec("counting", (ObjectSpec(o[0].shape, o[0].color, o[0].count - 1),))
-        return PromptSpec("single_object", (o[int(rng.integers(2))],))
-    if spec.task == "two_object":
+    if errors == "omit" and spec.task == "counting":
+        return PromptSpec("counting", (ObjectSpec(o[0].shape, o[0].color, o[0].count - 1),))
+    if errors == "omit" or spec.task == "two_object":  # one of the two named objects is left out
         return PromptSpec("single_object", (o[int(rng.integers(2))],))
     if spec.task == "counting":
         other = [n for n in NUMBERS if n != o[0].count]
