@@ -183,14 +183,17 @@ class PretrainConfig:
     cfg_dropout: float = knob(0.1, "Probability a caption is replaced by the empty prompt (enables CFG).", ge=0.0, le=1.0)
     ema_decay: float = knob(0.999, "EMA decay of the saved weights.", ge=0.0, lt=1.0)
     seed: int = knob(0, "Seed for initialisation, scenes and noise.", ge=0)
-    caption_noise: float = knob(0.0, "Probability that a compositional scene is drawn wrong for its caption "
-                                "(an object left out, a count off, a relation reversed, two colours swapped), "
-                                "as web alt-text often is; single objects and colours stay exact. 0: exact captions.",
+    caption_noise: float = knob(0.0, "Probability that a scene is drawn wrong for its caption, as web alt-text "
+                                "often is; which errors: caption_errors (with 'all' and 'omit' single objects and "
+                                "colours stay exact). 0: exact captions.",
                                 ge=0.0, le=1.0)
     caption_errors: str = knob("all", "Which errors caption_noise makes: 'all' (an object left out, a count off, a "
                                "relation reversed, two colours swapped, in equal measure by task) or 'omit' (only "
                                "an object the caption names left out: a base that neglects objects, as "
-                               "SD-class models do).", choices=("all", "omit"))
+                               "SD-class models do) or 'unrelated' (the scene is one drawn for another prompt, "
+                               "of any task type, single objects and colours included: alt-text that does not "
+                               "describe its image; a base that follows its prompt weakly without guidance).",
+                               choices=("all", "omit", "unrelated"))
     init: str = knob("", "Start from the model in this directory instead of a fresh one (model.* shape "
                      "settings and the autoencoder stage are then skipped). Empty: a fresh model.")
     out: str = knob("fgrpo/weights/embedded", "Where the trained weights are written.")

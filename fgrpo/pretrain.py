@@ -29,13 +29,21 @@ from fgrpo.models.embedded import EmbeddedFlowModel
 from fgrpo.tasks import shapes
 
 
+# What `pretrain.caption_errors` may be: shapes.miscaption's near misses, or an unrelated scene.
+CAPTION_ERRORS = shapes.CAPTION_ERRORS + ("unrelated",)
+
+
 def scene_stream(prompts: list[str], batch_size: int, image_size: int, seed: int, caption_noise: float = 0.0,
                  caption_errors: str = "all"):
     """Endless batches of (prompts, images in [-1, 1]) with task types drawn uniformly.
 
     With `caption_noise` > 0, each scene is drawn, with that probability, for a miscaptioned
     version of its prompt (`shapes.miscaption` with `caption_errors`) while the batch keeps the true prompt.
+    `caption_errors="unrelated"` draws it instead for another prompt of the stream, task type first, as
+    the true prompts are drawn: a caption that does not describe its image at all, whatever its task.
     """
+    if caption_errors not in CAPTION_ERRORS:
+        raise ValueError(f"caption_errors must be one of {CAPTION_ERRORS}, got {caption_errors!r}")
     by_task: dict[str, list[str]] = {}
     for p in prompts:
         by_task.setdefault(shapes.parse_prompt(p).task, []).append(p)
@@ -48,10 +56,23 @@ def scene_stream(prompts: list[str], batch_size: int, image_size: int, seed: int
         scenes: list = batch
         if caption_noise > 0:
             wrong = noise_rng.random(batch_size) < caption_noise
-            scenes = [shapes.miscaption(shapes.parse_prompt(p), noise_rng, caption_errors) if w else p for p, w in zip(batch, wrong)]
+            if caption_errors == "unrelated":
+                scenes = [_other_prompt(p, by_task, tasks, noise_rng) if w else p for p, w in zip(batch, wrong)]
+            else:
+                scenes = [shapes.miscaption(shapes.parse_prompt(p), noise_rng, caption_errors) if w else p
+                          for p, w in zip(batch, wrong)]
         images = shapes.render_batch(scenes, seed=seed * 7_919 + step, size=image_size)
         yield batch, shapes.uint8_to_tensor(images)
         step += 1
+
+
+def _other_prompt(prompt: str, by_task: dict[str, list[str]], tasks: list[str], rng: np.random.Generator) -> str:
+    """A prompt other than `prompt`, its task type drawn uniformly, then the prompt within it."""
+    while True:
+        pool = by_task[tasks[int(rng.integers(len(tasks)))]]
+        other = pool[int(rng.integers(len(pool)))]
+        if other != prompt:
+            return other
 
 
 @torch.no_grad()

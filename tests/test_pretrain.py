@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,22 @@ def test_a_missing_init_model_is_a_one_line_error_naming_the_setting(tmp_path):
     msg = str(e.value)
     assert "pretrain.init" in msg and "nowhere" in msg and "\n" not in msg
     assert not (tmp_path / "model").exists()
+
+
+def test_unrelated_caption_errors_draw_scenes_of_other_prompts_of_every_task():
+    from fgrpo.pretrain import scene_stream
+
+    prompts = shapes.load_prompts("train")
+    batch, x = next(scene_stream(prompts, 256, 32, seed=4, caption_noise=1.0, caption_errors="unrelated"))
+    assert set(batch) <= set(prompts)
+    scores = shapes.score_images(batch, shapes.images_to_uint8(x))
+    # Every scene is another prompt's, so even single objects and colours mostly fail their caption.
+    tasks = [shapes.parse_prompt(p).task for p in batch]
+    simple = np.array([t in ("single_object", "colors") for t in tasks])
+    assert scores["strict"][simple].mean() < 0.35 and scores["strict"].mean() < 0.2
+    # At noise 0.5 about half the scenes are their caption's; the rest are drawn for other prompts.
+    batch, half = next(scene_stream(prompts, 256, 32, seed=4, caption_noise=0.5, caption_errors="unrelated"))
+    strict_half = shapes.score_images(batch, shapes.images_to_uint8(half))["strict"].mean()
+    assert 0.35 <= strict_half <= 0.65
+    with pytest.raises(ValueError, match="unrelated"):
+        next(scene_stream(prompts, 4, 32, seed=4, caption_noise=0.5, caption_errors="swap"))
