@@ -48,6 +48,8 @@ def scene_stream(prompts: list[str], batch_size: int, image_size: int, seed: int
     for p in prompts:
         by_task.setdefault(shapes.parse_prompt(p).task, []).append(p)
     tasks = sorted(by_task)
+    if caption_errors == "unrelated" and caption_noise > 0 and len(set(prompts)) < 2:
+        raise ValueError("caption_errors='unrelated' needs at least two distinct prompts to draw another one from")
     rng = random.Random(seed)
     noise_rng = np.random.default_rng(seed + 104_729)
     step = 0

@@ -134,3 +134,5 @@ def test_unrelated_caption_errors_draw_scenes_of_other_prompts_of_every_task():
     assert 0.35 <= strict_half <= 0.65
     with pytest.raises(ValueError, match="unrelated"):
         next(scene_stream(prompts, 4, 32, seed=4, caption_noise=0.5, caption_errors="swap"))
+    with pytest.raises(ValueError, match="two distinct"):  # one prompt has no other to draw: no endless loop
+        next(scene_stream(["two circles"], 4, 32, seed=4, caption_noise=0.5, caption_errors="unrelated"))
