@@ -136,3 +136,15 @@ def test_unrelated_caption_errors_draw_scenes_of_other_prompts_of_every_task():
         next(scene_stream(prompts, 4, 32, seed=4, caption_noise=0.5, caption_errors="swap"))
     with pytest.raises(ValueError, match="two distinct"):  # one prompt has no other to draw: no endless loop
         next(scene_stream(["two circles"], 4, 32, seed=4, caption_noise=0.5, caption_errors="unrelated"))
+
+
+def test_config_offers_exactly_the_caption_errors_the_stream_accepts():
+    import dataclasses
+
+    from fgrpo.pretrain import CAPTION_ERRORS
+
+    # config.py keeps its own literal (it does not import the pretraining module): the two must agree.
+    field = {f.name: f for f in dataclasses.fields(C.PretrainConfig)}["caption_errors"]
+    assert tuple(field.metadata["choices"]) == CAPTION_ERRORS
+    with pytest.raises(C.ConfigError, match="caption_errors"):
+        C.load(None, ['pretrain.caption_errors="swap"'])
