@@ -139,12 +139,10 @@ def test_unrelated_caption_errors_draw_scenes_of_other_prompts_of_every_task():
 
 
 def test_config_offers_exactly_the_caption_errors_the_stream_accepts():
-    import dataclasses
-
     from fgrpo.pretrain import CAPTION_ERRORS
 
     # config.py keeps its own literal (it does not import the pretraining module): the two must agree.
-    field = {f.name: f for f in dataclasses.fields(C.PretrainConfig)}["caption_errors"]
+    field = next(f for f in C.dataclasses.fields(C.PretrainConfig) if f.name == "caption_errors")
     assert tuple(field.metadata["choices"]) == CAPTION_ERRORS
     with pytest.raises(C.ConfigError, match="caption_errors"):
         C.load(None, ['pretrain.caption_errors="swap"'])
