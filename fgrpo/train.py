@@ -333,6 +333,7 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     `resume` continues the run in that directory. A fresh run refuses an output_dir that holds
     an earlier run's checkpoint unless `overwrite` is set, so no run is lost by repeating a command.
     """
+    t_call = time.time()  # the start of this call, for run.time_limit_minutes
     sc, tc, rc = cfg.sample, cfg.train, cfg.run
     progress = rc.progress if progress is None else progress
     out = Path(resume) if resume else Path(rc.output_dir)
@@ -419,7 +420,16 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         run_eval(0, "eval_before")
 
     # ---- epochs
+    last = tc.epochs  # the epoch the run ends at: earlier when run.time_limit_minutes stops it
     for epoch in range(start_epoch, tc.epochs):
+        stop = None if epoch == start_epoch else time_limit_reached(  # each call runs at least one epoch
+            rc.time_limit_minutes, time.time() - t_call, history, evals, epoch, tc.epochs, cfg.eval.every)
+        if stop:
+            last = epoch
+            print(f"run.time_limit_minutes={rc.time_limit_minutes:g} reached: stopping after epoch {epoch} of "
+                  f"{tc.epochs} ({stop}); continue with `fgrpo train CONFIG --resume {out}` (the limit applies "
+                  f"to each call)", flush=True)
+            break
         t_epoch = time.time()
         rng = random.Random(sc.seed * 100_003 + epoch)
         weights = task_weights(history, pool_tasks, sc.task_floor) if sc.task_sampling == "signal" else None
@@ -540,15 +550,17 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
             checkpoint(done)
 
     # ---- final evaluation and summary
-    if evals and evals[-1]["epoch"] == tc.epochs and evals[-1] is not evals[0]:
+    if evals and evals[-1]["epoch"] == last and evals[-1] is not evals[0]:
         after = evals[-1]
     else:
-        after = run_eval(tc.epochs, "eval_after")
-        if tc.epochs > 0:  # so a run resumed with more epochs keeps this point on its accuracy curve
-            checkpoint(tc.epochs)
+        after = run_eval(last, "eval_after")
+        if last > 0:  # so a run resumed with more epochs keeps this point on its accuracy curve
+            checkpoint(last)
     summary = {"before": evals[0], "after": after, "evals": evals, "train_wall_seconds": wall,
-               "epochs": tc.epochs, "time_split": {k: sum(r[k] for r in history) for k in
-                                                   ("t_rollout", "t_reward", "t_train")}}
+               "epochs": last, "time_split": {k: sum(r[k] for r in history) for k in
+                                              ("t_rollout", "t_reward", "t_train")}}
+    if last < tc.epochs:
+        summary["stopped_early"] = {"planned_epochs": tc.epochs, "time_limit_minutes": rc.time_limit_minutes}
     write_metrics(summary, out / "metrics.json")
     accuracy_plot(evals, out / "accuracy.png")
     export_weights(policy, out / "model")
@@ -557,6 +569,28 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     print(f"strict accuracy {evals[0]['strict_accuracy']:.3f} -> {after['strict_accuracy']:.3f} "
           f"in {wall:.0f}s of training; outputs in {out}")
     return summary
+
+
+def time_limit_reached(limit_minutes: float, elapsed: float, history: list[dict], evals: list[dict], epoch: int,
+                       epochs: int, eval_every: int) -> str | None:
+    """Why epoch `epoch` (0-based) would overrun `run.time_limit_minutes`, or None if it fits.
+
+    `elapsed` counts seconds since the call began. The next epoch is expected to take as long as the
+    last one logged (rollout, reward and update time), and every evaluation as long as the last one.
+    The caller runs each call's first epoch without asking, so `history` is never empty here.
+    """
+    if limit_minutes <= 0:
+        return None
+    last = history[-1]
+    t_epoch = last["t_rollout"] + last["t_reward"] + last["t_train"]
+    t_eval = evals[-1]["seconds"] if evals else 0.0
+    done = epoch + 1
+    n_evals = 1 + int(bool(eval_every) and done % eval_every == 0 and done != epochs)  # the final one, and one due
+    needed = elapsed + t_epoch + n_evals * t_eval
+    if needed <= 60 * limit_minutes:
+        return None
+    return (f"{elapsed:.0f}s spent; one more epoch ({t_epoch:.0f}s) and {n_evals} evaluation(s) ({t_eval:.0f}s each) "
+            f"would end at {needed:.0f}s of the {60 * limit_minutes:.0f}s budget")
 
 
 def check_on_policy(ratio: torch.Tensor, tol: float, epoch: int) -> None:

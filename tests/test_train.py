@@ -14,8 +14,8 @@ from fgrpo.models import load_model
 from fgrpo.rollout import rollout
 from fgrpo.sampling import flow_sigmas, unconditional
 from fgrpo.train import (Policy, PolicyMismatchError, awm_noise, check_on_policy, choose_prompts,
-                         recompute_log_probs, recomputes_log_probs, task_reward_spread, task_weights, train,
-                         train_on_batch)
+                         recompute_log_probs, recomputes_log_probs, task_reward_spread, task_weights, time_limit_reached,
+                         train, train_on_batch)
 
 PROMPTS = ["a red circle", "two squares", "a cross left of a circle", "a blue triangle and a white square"]
 
@@ -336,3 +336,33 @@ def test_choose_prompts_draws_task_types_by_weight():
     assert sum(p in ("a circle", "a square") for p in drawn) < 40
     assert sum(p in ("two squares", "three circles") for p in drawn) == pytest.approx(293, abs=45)
     assert set(drawn) == set(pool)  # every prompt of a drawn task type can come up
+
+
+def test_time_limit_counts_the_next_epoch_and_the_evaluations_still_due():
+    history = [{"t_rollout": 6.0, "t_reward": 1.0, "t_train": 3.0}]  # 10 s an epoch
+    evals = [{"seconds": 20.0}]
+    # 100 s spent + 10 s epoch + 20 s final evaluation = 130 s: fits in 2.4 min, not in 2 min.
+    assert time_limit_reached(2.4, 100.0, history, evals, epoch=3, epochs=10, eval_every=0) is None
+    why = time_limit_reached(2.0, 100.0, history, evals, epoch=3, epochs=10, eval_every=0)
+    assert "130s of the 120s budget" in why
+    # An evaluation due after the epoch (epoch 5 of 10, every 5) counts as well: 150 s.
+    assert time_limit_reached(2.4, 100.0, history, evals, epoch=4, epochs=10, eval_every=5) is not None
+    assert time_limit_reached(0.0, 1e9, history, evals, epoch=4, epochs=10, eval_every=5) is None  # no limit
+
+
+def test_a_time_limited_run_stops_early_evaluates_and_resumes(tmp_path, tiny_model_dir):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, reward__name='"brightness"', train__epochs=4,
+                   run__time_limit_minutes=1e-4)
+    summary = train(cfg)
+    out = tmp_path / "run"
+    assert summary["epochs"] == 1 and summary["stopped_early"]["planned_epochs"] == 4
+    assert [e["epoch"] for e in summary["evals"]] == [0, 1]  # the final evaluation at the epoch it stopped
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["after"]["epoch"] == 1 and (out / "model").is_dir()
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    # --resume continues the stopped run to its planned end (here without a limit).
+    resumed = C.load(out / "config.toml", ["run.time_limit_minutes=0"])
+    summary = train(resumed, resume=str(out))
+    assert summary["epochs"] == 4 and "stopped_early" not in summary
+    assert [e["epoch"] for e in summary["evals"]] == [0, 1, 4]
+    assert [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
