@@ -50,6 +50,7 @@ def cmd_eval(args) -> None:
     from fgrpo.engine import RolloutEngine
     from fgrpo.evaluate import evaluate, format_table, prompt_set_name, resolve_prompts, write_metrics
     from fgrpo.models import load_model
+    from fgrpo.rewards import reward_workers
 
     cfg = C.load(args.config, args.overrides)
     device = _setup(cfg)
@@ -58,7 +59,7 @@ def cmd_eval(args) -> None:
     model = load_model(cfg.model, device).eval()
     C.save(cfg, out)
     metrics = evaluate(model, cfg.eval, cfg.sample.shift, out_dir=out, progress=cfg.run.progress,
-                       engine=RolloutEngine.from_config(model, cfg.sample))
+                       engine=RolloutEngine.from_config(model, cfg.sample), workers=reward_workers(cfg.reward.workers))
     write_metrics(metrics, out / "metrics.json")
     print(format_table(metrics, f"{prompt_set_name(cfg.eval.prompts)} strict accuracy ({metrics['num_images']} images, "
                                 f"{cfg.eval.num_steps} ODE steps, {metrics['seconds']:.0f}s)"))

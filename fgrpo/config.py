@@ -152,6 +152,9 @@ class RewardConfig:
                      "detector's template correlations, so drawing the named shape distinctly pays), or "
                      "'brightness' (test reward).",
                      choices=("shapes", "shapes_strict", "shapes_exact", "shapes_soft", "brightness"))
+    workers: int = knob(0, "Processes the shapes rewards (and evaluation) score images in; the policy is idle "
+                        "meanwhile, so every core can score. 0: one per CPU core, at most 8; 1: in the trainer's "
+                        "own process. Scores are the same whatever the number.", ge=0)
     prompts: str = knob("train", "Prompt set rollouts draw from: 'train', 'test', either limited to task types ('train:position', 'train:colors,counting'), or a path to a text file (one prompt per line).")
 
 

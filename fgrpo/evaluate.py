@@ -169,11 +169,12 @@ def images_per_prompt(prompts: list[str], per_prompt: int, min_per_task: int = 0
 
 
 def evaluate(model: FlowModel, eval_cfg, shift: float, out_dir: str | Path | None = None,
-             progress: bool = True, tag: str = "eval", engine=None) -> dict:
+             progress: bool = True, tag: str = "eval", engine=None, workers: int = 1) -> dict:
     """Sample every evaluation prompt `images_per_prompt` times (more for task types with few prompts,
     `min_images_per_task`) and score the images.
 
-    `engine` (a `fgrpo.engine.RolloutEngine`) runs the ODE sampling; default: eager.
+    `engine` (a `fgrpo.engine.RolloutEngine`) runs the ODE sampling; default: eager. `workers` > 1
+    scores in that many processes (`reward.workers`).
     """
     base = resolve_prompts(eval_cfg.prompts, shapes_only=True)
     counts = images_per_prompt(base, eval_cfg.images_per_prompt, eval_cfg.min_images_per_task)
@@ -183,7 +184,7 @@ def evaluate(model: FlowModel, eval_cfg, shift: float, out_dir: str | Path | Non
     x = sample_ode(model, prompts, num_steps=eval_cfg.num_steps, guidance_scale=eval_cfg.guidance_scale,
                    shift=shift, seed=eval_cfg.seed, batch_size=eval_cfg.batch_size, progress=progress, desc=tag, engine=engine)
     images = shapes.images_to_uint8(x)
-    scores = shapes.score_images(prompts, images)
+    scores = shapes.score_images(prompts, images, workers)
     metrics = accuracy_table(scores["task"], scores["strict"], scores["reward"], scores["extra"])
     # Every prompt weighs the same, however many images it has.
     metrics["diversity"] = float(np.mean([group_diversity(images[s:s + k], k) for s, k in zip(starts, counts)]))

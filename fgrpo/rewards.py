@@ -8,6 +8,8 @@ diversity collapses or high-frequency energy climbs is being gamed.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Callable
 
 import numpy as np
@@ -17,14 +19,14 @@ from fgrpo.tasks import shapes
 RewardFn = Callable[[list[str], np.ndarray], dict]
 
 
-def shapes_reward(prompts: list[str], images: np.ndarray) -> dict:
+def shapes_reward(prompts: list[str], images: np.ndarray, workers: int = 1) -> dict:
     """GenEval-style continuous partial credit (training signal), with the strict result."""
-    s = shapes.score_images(prompts, images)
+    s = shapes.score_images(prompts, images, workers)
     return {"reward": s["reward"].astype(np.float32), "strict": s["strict"]}
 
 
-def shapes_strict_reward(prompts: list[str], images: np.ndarray) -> dict:
-    s = shapes.score_images(prompts, images)
+def shapes_strict_reward(prompts: list[str], images: np.ndarray, workers: int = 1) -> dict:
+    s = shapes.score_images(prompts, images, workers)
     return {"reward": s["strict"].astype(np.float32), "strict": s["strict"]}
 
 
@@ -34,23 +36,23 @@ def _spare_factor(prompts: list[str], extra: np.ndarray) -> np.ndarray:
     return (n / (n + extra)) ** 2
 
 
-def shapes_exact_reward(prompts: list[str], images: np.ndarray) -> dict:
+def shapes_exact_reward(prompts: list[str], images: np.ndarray, workers: int = 1) -> dict:
     """Partial credit scaled by (n / (n + extra))^2: n the objects the prompt asks for, extra the
     shapes detected beyond them. GenEval's rules (and `shapes`) charge nothing for extra objects
     outside counting prompts, so a policy can raise them by scattering shapes. Squared, the factor
     makes extra objects never pay: both shapes of a two-object prompt plus one extra earn 0.44, one
     shape alone 0.5 (unsquared it would be 0.67). The strict result is GenEval's, unchanged."""
-    s = shapes.score_images(prompts, images)
+    s = shapes.score_images(prompts, images, workers)
     return {"reward": (s["reward"] * _spare_factor(prompts, s["extra"])).astype(np.float32), "strict": s["strict"]}
 
 
-def shapes_soft_reward(prompts: list[str], images: np.ndarray) -> dict:
+def shapes_soft_reward(prompts: list[str], images: np.ndarray, workers: int = 1) -> dict:
     """`shapes_exact` with soft shape labels: each component's shape is the softmax of its template
     correlations, so a blob that is only just more a square than a circle earns little for "square"
     and a distinct square earns full credit (`fgrpo.tasks.shapes.soft_score`). The hard labels of small
     shapes flip on near-equal correlations; this credit moves smoothly with the image instead. Extra
     shapes are charged as in `shapes_exact`; the strict result is GenEval's, unchanged."""
-    s = shapes.score_images(prompts, images)
+    s = shapes.score_images(prompts, images, workers)
     return {"reward": (s["soft"] * _spare_factor(prompts, s["extra"])).astype(np.float32), "strict": s["strict"]}
 
 
@@ -68,10 +70,17 @@ REWARDS: dict[str, RewardFn] = {
 }
 
 
-def get_reward(name: str) -> RewardFn:
+def get_reward(name: str, workers: int = 1) -> RewardFn:
+    """The reward called `name`; the shapes rewards score in `workers` processes (`reward.workers`)."""
     if name not in REWARDS:
         raise KeyError(f"unknown reward {name!r}; known: {', '.join(REWARDS)}")
-    return REWARDS[name]
+    fn = REWARDS[name]
+    return functools.partial(fn, workers=workers) if name.startswith("shapes") and workers > 1 else fn
+
+
+def reward_workers(setting: int) -> int:
+    """`reward.workers`: 0 picks one process per CPU core, at most 8."""
+    return setting if setting > 0 else min(8, os.cpu_count() or 1)
 
 
 def group_diversity(images: np.ndarray, group_size: int) -> float:

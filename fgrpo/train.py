@@ -30,7 +30,7 @@ from fgrpo.models import load_model
 from fgrpo.models.base import FlowModel, PromptEmbeds
 from fgrpo.plot import accuracy_plot
 from fgrpo.profiling import nvtx_range
-from fgrpo.rewards import get_reward, group_diversity, quality_drift, quality_proxies
+from fgrpo.rewards import get_reward, group_diversity, quality_drift, quality_proxies, reward_workers
 from fgrpo.sampling import flow_sigmas, guided_velocity, unconditional
 from fgrpo.sde import kl_to_reference, sde_step_fn
 from fgrpo.tasks import shapes
@@ -369,7 +369,7 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     # weights may change in place (optimizer steps, EMA swaps) and replays see them.
     engine = RolloutEngine.from_config(model, sc)
     opt = torch.optim.AdamW(list(policy.params.values()), lr=tc.lr, weight_decay=tc.weight_decay)
-    reward_fn = get_reward(cfg.reward.name)
+    reward_fn = get_reward(cfg.reward.name, reward_workers(cfg.reward.workers))
     sigmas = flow_sigmas(sc.num_steps, sc.shift).to(device)
     n_images = sc.group_size * sc.groups_per_epoch
     n_batches = n_images // sc.batch_size
@@ -393,7 +393,8 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         policy.swap_ema()
         try:
             with nvtx_range("evaluate"):
-                m = evaluate(model, cfg.eval, sc.shift, out_dir=out, progress=progress, tag=tag, engine=engine)
+                m = evaluate(model, cfg.eval, sc.shift, out_dir=out, progress=progress, tag=tag, engine=engine,
+                             workers=reward_workers(cfg.reward.workers))
         finally:
             policy.swap_ema()
         m.update(epoch=epoch, wall=wall)

@@ -159,3 +159,16 @@ def test_soft_position_and_assignment_follow_the_hard_rules():
     assert 0.4 < r["reward"][3] < 0.55  # one component cannot stand for both objects
     empty = np.zeros((32, 32, 3), np.uint8)
     assert soft(["a circle"], empty[None])["reward"].tolist() == [0.0]
+
+
+def test_scoring_in_worker_processes_gives_each_image_the_same_scores():
+    prompts = S.load_prompts("train")[:24]
+    images = S.render_batch(prompts, seed=3)
+    images[::3] = images[::3][:, ::-1]  # mirrored scenes: some relations fail, so strict is not all true
+    serial = S.score_images(prompts, images)
+    pooled = S.score_images(prompts, images, workers=2)
+    assert pooled["task"] == serial["task"] and 0 < serial["strict"].sum() < len(prompts)
+    for key in ("strict", "reward", "soft", "extra"):
+        np.testing.assert_array_equal(pooled[key], serial[key])
+    fn = get_reward("shapes_exact", workers=2)
+    np.testing.assert_array_equal(fn(prompts, images)["reward"], get_reward("shapes_exact")(prompts, images)["reward"])

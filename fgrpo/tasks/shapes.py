@@ -579,13 +579,22 @@ def named_count(prompt: str) -> int:
     return sum(o.count for o in parse_prompt(prompt).objects)
 
 
-def score_images(prompts: list[str], images: np.ndarray) -> dict:
+def score_images(prompts: list[str], images: np.ndarray, workers: int = 1) -> dict:
     """Scores of uint8 (N, H, W, 3) images: {"strict": bool (N,), "reward": float32 (N,) partial credit,
     "soft": float32 (N,) the same with soft shape labels (soft_score), "task": [str],
-    "extra": int (N,) detected shapes beyond the number the prompt asks for}."""
+    "extra": int (N,) detected shapes beyond the number the prompt asks for}.
+
+    With `workers` > 1 the images are scored in that many worker processes (started on first use
+    and kept for later calls); each image's scores are the same either way."""
     images = np.asarray(images)
     if images.ndim != 4 or len(prompts) != len(images):
         raise ValueError(f"need one (H, W, 3) image per prompt, got {len(prompts)} prompts and images {images.shape}")
+    if workers > 1 and len(prompts) >= 4 * workers:
+        bounds = np.linspace(0, len(prompts), 4 * workers + 1).astype(int)  # a few chunks a worker evens out the load
+        parts = list(_pool(workers).map(score_images, [prompts[a:b] for a, b in zip(bounds, bounds[1:])],
+                                        [images[a:b] for a, b in zip(bounds, bounds[1:])]))
+        return {k: sum((q[k] for q in parts), []) if k == "task" else np.concatenate([q[k] for q in parts])
+                for k in parts[0]}
     strict = np.zeros(len(prompts), bool)
     reward = np.zeros(len(prompts), np.float32)
     soft = np.zeros(len(prompts), np.float32)
@@ -598,6 +607,25 @@ def score_images(prompts: list[str], images: np.ndarray) -> dict:
         extra[i] = max(0, len(found) - named_count(p))
     return {"strict": strict, "reward": reward, "soft": soft, "task": [parse_prompt(p).task for p in prompts],
             "extra": extra}
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(workers: int):
+    """A process pool for score_images; its workers build the detector's templates as they start.
+
+    On Linux the workers are forked: they run numpy only, never torch, so the parent's torch threads
+    cannot deadlock them, and a script that calls the trainer needs no `if __name__ == "__main__":`
+    guard (spawned workers import the caller's script again). Elsewhere they are spawned, as Python
+    does by default there, and such a script needs the guard."""
+    import atexit
+    import multiprocessing
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_templates)
+    atexit.register(pool.shutdown)  # before interpreter teardown, which would leave the pool's thread half-closed
+    return pool
 
 
 def images_to_uint8(x: torch.Tensor) -> np.ndarray:
