@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from fgrpo import config as C
+
+STARTED = time.time()  # the command's start, for run.time_limit_minutes
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -95,7 +98,7 @@ def cmd_train(args) -> None:
 
     cfg = C.load(args.config, args.overrides)
     _setup(cfg)
-    train(cfg, resume=args.resume, overwrite=args.overwrite)
+    train(cfg, resume=args.resume, overwrite=args.overwrite, started=STARTED)
 
 
 def build_parser() -> argparse.ArgumentParser:

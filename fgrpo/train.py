@@ -327,13 +327,16 @@ def export_weights(policy: Policy, out: Path) -> None:
 # ---------------------------------------------------------------------------- the loop
 
 
-def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None, overwrite: bool = False) -> dict:
+def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None, overwrite: bool = False,
+          started: float | None = None) -> dict:
     """Run Flow-GRPO as `cfg` says; returns the summary also written to metrics.json.
 
     `resume` continues the run in that directory. A fresh run refuses an output_dir that holds
     an earlier run's checkpoint unless `overwrite` is set, so no run is lost by repeating a command.
+    `started` (a time.time() value; default: now) is when run.time_limit_minutes starts counting: the
+    CLI passes its own start, so the budget covers the imports too.
     """
-    t_call = time.time()  # the start of this call, for run.time_limit_minutes
+    t_call = time.time() if started is None else started
     sc, tc, rc = cfg.sample, cfg.train, cfg.run
     progress = rc.progress if progress is None else progress
     out = Path(resume) if resume else Path(rc.output_dir)
@@ -572,12 +575,16 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     return summary
 
 
+WRITE_RESERVE = 10.0  # seconds kept for what follows the final evaluation: checkpoint, weights, plot
+
+
 def time_limit_reached(limit_minutes: float, elapsed: float, history: list[dict], evals: list[dict], epoch: int,
                        epochs: int, eval_every: int) -> str | None:
     """Why epoch `epoch` (0-based) would overrun `run.time_limit_minutes`, or None if it fits.
 
     `elapsed` counts seconds since the call began. The next epoch is expected to take as long as the
-    last one logged (rollout, reward and update time), and every evaluation as long as the last one.
+    last one logged (rollout, reward and update time), every evaluation as long as the last one, and
+    WRITE_RESERVE seconds are kept for writing the outputs.
     The caller runs each call's first epoch without asking, so `history` is never empty here.
     """
     if limit_minutes <= 0:
@@ -587,7 +594,7 @@ def time_limit_reached(limit_minutes: float, elapsed: float, history: list[dict]
     t_eval = evals[-1]["seconds"] if evals else 0.0
     done = epoch + 1
     n_evals = 1 + int(bool(eval_every) and done % eval_every == 0 and done != epochs)  # the final one, and one due
-    needed = elapsed + t_epoch + n_evals * t_eval
+    needed = elapsed + t_epoch + n_evals * t_eval + WRITE_RESERVE
     if needed <= 60 * limit_minutes:
         return None
     return (f"{elapsed:.0f}s spent; one more epoch ({t_epoch:.0f}s) and {n_evals} evaluation(s) ({t_eval:.0f}s each) "
