@@ -209,9 +209,9 @@ class RunConfig:
     device: str = knob("auto", "'auto' (CUDA if available), 'cpu' or 'cuda'.", choices=("auto", "cpu", "cuda"))
     checkpoint_every: int = knob(10, "Epochs between checkpoints (0: only at the end).", ge=0)
     progress: bool = knob(True, "Show progress bars.")
-    time_limit_minutes: float = knob(0.0, "Wall-clock budget of one `fgrpo train` call, evaluations included (0: none). "
-                                     "An epoch starts only if it, any evaluation due after it and the final "
-                                     "evaluation are expected to fit, judged by the last epoch's and the last "
+    time_limit_minutes: float = knob(0.0, "Wall-clock budget of one `fgrpo train` call from the command's start, evaluations "
+                                     "included (0: none). An epoch starts only if it, any evaluation due after it, the "
+                                     "final evaluation and 10 s for writing the outputs are expected to fit, judged by the last epoch's and the last "
                                      "evaluation's durations; otherwise the run stops early, evaluates, checkpoints "
                                      "and exports as at its end, and `--resume` continues it. At least one epoch "
                                      "runs. A limited run stops at an epoch that depends on the machine's speed.",

@@ -79,8 +79,9 @@ def get_reward(name: str, workers: int = 1) -> RewardFn:
 
 
 def reward_workers(setting: int) -> int:
-    """`reward.workers`: 0 picks one process per CPU core, at most 8."""
-    return setting if setting > 0 else min(8, os.cpu_count() or 1)
+    """`reward.workers`: 0 picks one process per CPU core this process may run on, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return setting if setting > 0 else min(8, cores)
 
 
 def group_diversity(images: np.ndarray, group_size: int) -> float:
