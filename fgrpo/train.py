@@ -372,7 +372,8 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     # weights may change in place (optimizer steps, EMA swaps) and replays see them.
     engine = RolloutEngine.from_config(model, sc)
     opt = torch.optim.AdamW(list(policy.params.values()), lr=tc.lr, weight_decay=tc.weight_decay)
-    reward_fn = get_reward(cfg.reward.name, reward_workers(cfg.reward.workers))
+    workers = reward_workers(cfg.reward.workers)  # scoring processes, for rewards and evaluations alike
+    reward_fn = get_reward(cfg.reward.name, workers)
     sigmas = flow_sigmas(sc.num_steps, sc.shift).to(device)
     n_images = sc.group_size * sc.groups_per_epoch
     n_batches = n_images // sc.batch_size
@@ -397,7 +398,7 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         try:
             with nvtx_range("evaluate"):
                 m = evaluate(model, cfg.eval, sc.shift, out_dir=out, progress=progress, tag=tag, engine=engine,
-                             workers=reward_workers(cfg.reward.workers))
+                             workers=workers)
         finally:
             policy.swap_ema()
         m.update(epoch=epoch, wall=wall)
