@@ -26,6 +26,7 @@ from fgrpo.grpo import group_advantages
 from fgrpo.models.embedded import EmbeddedFlowModel
 from fgrpo.rollout import rollout
 from fgrpo.sampling import flow_sigmas
+from fgrpo.sde import sde_step
 from fgrpo.tasks import shapes
 
 torch.manual_seed(0)
@@ -93,12 +94,9 @@ for e in range(E):
                 x = traj.states[sl, t]
                 s = sigmas[t].expand(x.shape[0])
                 vel = model.velocity(x, s, cond_all.index(sl))
-                x0_hat = x - sigmas[t] * vel
-                x1_hat = x + (1 - sigmas[t]) * vel
-                sn = sigmas[t + 1]
-                std = sn * np.sin(0.7 * np.pi / 2)
-                mean = (1 - sn) * x0_hat + torch.sqrt((sn**2 - std**2).clamp_min(0)) * x1_hat
-                elem = -((traj.states[sl, t + 1] - mean) ** 2)
+                mean = sde_step(x, vel, sigmas[t], sigmas[t + 1], noise_level=0.7, kind="cps",
+                                next_sample=traj.states[sl, t + 1]).mean
+                elem = -((traj.states[sl, t + 1] - mean) ** 2)  # CPS log-prob, element by element
                 lp = (w_all[sl] * elem).mean(dim=(1, 2, 3))
                 loss = loss - (a_use[sl] * lp).sum() / len(plist)
             loss.backward()
