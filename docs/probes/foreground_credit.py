@@ -13,35 +13,19 @@ permutes the advantages within each group (a control with no reward information)
 per image. Every variant uses the same rollouts. It prints the mean cosine over the pairs of estimates:
 near 1 for a gradient the batch resolves, near 0 for noise.
 """
-import itertools
-import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fgrpo import rewards as R
+from _agreement import SIGMAS, STEPS, report, setup
 from fgrpo.grpo import group_advantages
-from fgrpo.models.embedded import EmbeddedFlowModel
 from fgrpo.rollout import rollout
-from fgrpo.sampling import flow_sigmas
 from fgrpo.sde import sde_step
 from fgrpo.tasks import shapes
 
-torch.manual_seed(0)
-G = int(sys.argv[1]) if len(sys.argv) > 1 else 64
-E = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-model = EmbeddedFlowModel.from_pretrained(None if len(sys.argv) <= 3 else sys.argv[3])
-model.eval()
-params = [p for p in model.denoiser.parameters() if p.requires_grad]
-train = shapes.load_prompts("train")
-rng = np.random.default_rng(1)
-prompts8 = [train[i] for i in rng.choice(len(train), 8, replace=False)]
-print(prompts8)
-sigmas = flow_sigmas(10, 3.0)
-steps = [1, 2, 3]
-reward_fn = R.get_reward("shapes_exact", 1)
+G, E, model, params, prompts8, reward_fn = setup()
+sigmas, steps = SIGMAS, STEPS
 
 
 def weights(final_img: torch.Tensor, kind: str) -> torch.Tensor:
@@ -103,6 +87,4 @@ for e in range(E):
         grads[v].append(torch.cat([p.grad.flatten() for p in params]).clone())
     print(f"  grads {time.time() - t0:.1f}s", flush=True)
 
-for v in VARIANTS:
-    cs = [F.cosine_similarity(grads[v][a], grads[v][b], dim=0).item() for a, b in itertools.combinations(range(E), 2)]
-    print(f"{v:6s} mean cosine {np.mean(cs):+.3f}  pairs {' '.join(f'{c:+.2f}' for c in cs)}")
+report(grads)

@@ -1,0 +1,38 @@
+"""What foreground_credit.py and step_credit.py share: the model, the 8 train prompts, the shipped rollout's
+sigma grid and SDE window, the reward, and the mean pairwise cosine of gradient estimates."""
+import itertools
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fgrpo import rewards as R
+from fgrpo.models.embedded import EmbeddedFlowModel
+from fgrpo.sampling import flow_sigmas
+from fgrpo.tasks import shapes
+
+STEPS = [1, 2, 3]  # the SDE window both probes estimate the gradient on
+SIGMAS = flow_sigmas(10, 3.0)
+
+
+def setup():
+    """(G, E, model, params, prompts8, reward_fn) from the command line `[G] [E] [MODEL_DIR]`."""
+    torch.manual_seed(0)
+    g = int(sys.argv[1]) if len(sys.argv) > 1 else 64
+    e = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    model = EmbeddedFlowModel.from_pretrained(None if len(sys.argv) <= 3 else sys.argv[3])
+    model.eval()
+    params = [p for p in model.denoiser.parameters() if p.requires_grad]
+    train = shapes.load_prompts("train")
+    rng = np.random.default_rng(1)
+    prompts8 = [train[i] for i in rng.choice(len(train), 8, replace=False)]
+    print(prompts8)
+    return g, e, model, params, prompts8, R.get_reward("shapes_exact", 1)
+
+
+def report(grads: dict) -> None:
+    """Print each variant's mean cosine over the pairs of its estimates."""
+    for v, gs in grads.items():
+        cs = [F.cosine_similarity(gs[a], gs[b], dim=0).item() for a, b in itertools.combinations(range(len(gs)), 2)]
+        print(f"{v:10s} mean cosine {np.mean(cs):+.3f}  pairs {' '.join(f'{c:+.2f}' for c in cs)}")
