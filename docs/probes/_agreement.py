@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fgrpo import rewards as R
 from fgrpo.models.embedded import EmbeddedFlowModel
 from fgrpo.sampling import flow_sigmas
+from fgrpo.sde import sde_step
 from fgrpo.tasks import shapes
 
 STEPS = [1, 2, 3]  # the SDE window both probes estimate the gradient on
@@ -36,3 +37,20 @@ def report(grads: dict) -> None:
     for v, gs in grads.items():
         cs = [F.cosine_similarity(gs[a], gs[b], dim=0).item() for a, b in itertools.combinations(range(len(gs)), 2)]
         print(f"{v:10s} mean cosine {np.mean(cs):+.3f}  pairs {' '.join(f'{c:+.2f}' for c in cs)}")
+
+
+def window_gradient(model, params, traj, cond, term) -> torch.Tensor:
+    """The denoiser gradient of -sum over images i and window steps t of term(sl, t, step, x_next)[i] / N, with
+    `step` the CPS step (noise level 0.7) evaluated on the recorded transition of the images in slice `sl`."""
+    n = traj.states.shape[0]
+    model.zero_grad(set_to_none=True)
+    for b in range(0, n, 64):
+        sl = slice(b, b + 64)
+        loss = 0.0
+        for t in STEPS:
+            x, x_next = traj.states[sl, t], traj.states[sl, t + 1]
+            vel = model.velocity(x, SIGMAS[t].expand(x.shape[0]), cond.index(sl))
+            step = sde_step(x, vel, SIGMAS[t], SIGMAS[t + 1], noise_level=0.7, kind="cps", next_sample=x_next)
+            loss = loss - term(sl, t, step, x_next).sum() / n
+        loss.backward()
+    return torch.cat([p.grad.flatten() for p in params]).clone()

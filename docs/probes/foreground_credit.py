@@ -18,10 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _agreement import SIGMAS, STEPS, report, setup
+from _agreement import SIGMAS, STEPS, report, setup, window_gradient
 from fgrpo.grpo import group_advantages
 from fgrpo.rollout import rollout
-from fgrpo.sde import sde_step
 from fgrpo.tasks import shapes
 
 G, E, model, params, prompts8, reward_fn = setup()
@@ -70,21 +69,10 @@ for e in range(E):
     for v in VARIANTS:
         w_all = weights(img01, v.replace("_shuf", ""))
         a_use = adv[perm] if v.endswith("_shuf") else adv
-        model.zero_grad(set_to_none=True)
-        for b in range(0, len(plist), 64):
-            sl = slice(b, b + 64)
-            loss = 0.0
-            for t in steps:
-                x = traj.states[sl, t]
-                s = sigmas[t].expand(x.shape[0])
-                vel = model.velocity(x, s, cond_all.index(sl))
-                mean = sde_step(x, vel, sigmas[t], sigmas[t + 1], noise_level=0.7, kind="cps",
-                                next_sample=traj.states[sl, t + 1]).mean
-                elem = -((traj.states[sl, t + 1] - mean) ** 2)  # CPS log-prob, element by element
-                lp = (w_all[sl] * elem).mean(dim=(1, 2, 3))
-                loss = loss - (a_use[sl] * lp).sum() / len(plist)
-            loss.backward()
-        grads[v].append(torch.cat([p.grad.flatten() for p in params]).clone())
+        # CPS log-prob element by element, weighted, then the mean over elements
+        grads[v].append(window_gradient(
+            model, params, traj, cond_all,
+            lambda sl, t, step, x_next: a_use[sl] * (w_all[sl] * -((x_next - step.mean) ** 2)).mean(dim=(1, 2, 3))))
     print(f"  grads {time.time() - t0:.1f}s", flush=True)
 
 report(grads)

@@ -22,10 +22,9 @@ import time
 
 import torch
 
-from _agreement import SIGMAS, STEPS, report, setup
+from _agreement import SIGMAS, STEPS, report, setup, window_gradient
 from fgrpo.grpo import group_advantages
 from fgrpo.rollout import rollout, run_steps
-from fgrpo.sde import sde_step
 from fgrpo.tasks import shapes
 
 G, E, model, params, prompts8, reward_fn = setup()
@@ -73,18 +72,8 @@ for e in range(E):
     adv["group_shuf"] = {k: permute(adv["group"][k], gen) for k in steps}
     adv["td_shuf"] = {k: permute(adv["td"][k], gen) for k in steps}
     for v in VARIANTS:
-        model.zero_grad(set_to_none=True)
-        for b in range(0, len(plist), 64):
-            sl = slice(b, b + 64)
-            loss = 0.0
-            for t in steps:
-                x = traj.states[sl, t]
-                vel = model.velocity(x, sigmas[t].expand(x.shape[0]), cond_all.index(sl))
-                lp = sde_step(x, vel, sigmas[t], sigmas[t + 1], noise_level=0.7, kind="cps",
-                              next_sample=traj.states[sl, t + 1]).log_prob
-                loss = loss - (adv[v][t][sl] * lp).sum() / len(plist)
-            loss.backward()
-        grads[v].append(torch.cat([p.grad.flatten() for p in params]).clone())
+        grads[v].append(window_gradient(model, params, traj, cond_all,
+                                        lambda sl, t, step, x_next: adv[v][t][sl] * step.log_prob))
     print(f"  grads {time.time() - t0:.1f}s", flush=True)
 
 report(grads)
