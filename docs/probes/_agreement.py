@@ -15,20 +15,23 @@ from fgrpo.tasks import shapes
 
 STEPS = [1, 2, 3]  # the SDE window both probes estimate the gradient on
 SIGMAS = flow_sigmas(10, 3.0)
+# `--noise-level=A` anywhere on the command line: the CPS noise level of the rollouts and log-probs (0.7 shipped)
+NOISE_LEVEL = next((float(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--noise-level=")), 0.7)
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--noise-level=")]
 
 
 def setup():
-    """(G, E, model, params, prompts8, reward_fn) from the command line `[G] [E] [MODEL_DIR]`."""
+    """(G, E, model, params, prompts8, reward_fn) from the command line `[G] [E] [MODEL_DIR] [--noise-level=A]`."""
     torch.manual_seed(0)
-    g = int(sys.argv[1]) if len(sys.argv) > 1 else 64
-    e = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-    model = EmbeddedFlowModel.from_pretrained(None if len(sys.argv) <= 3 else sys.argv[3])
+    g = int(ARGS[0]) if len(ARGS) > 0 else 64
+    e = int(ARGS[1]) if len(ARGS) > 1 else 4
+    model = EmbeddedFlowModel.from_pretrained(ARGS[2] if len(ARGS) > 2 else None)
     model.eval()
     params = [p for p in model.denoiser.parameters() if p.requires_grad]
     train = shapes.load_prompts("train")
     rng = np.random.default_rng(1)
     prompts8 = [train[i] for i in rng.choice(len(train), 8, replace=False)]
-    print(prompts8)
+    print(prompts8, f"noise level {NOISE_LEVEL}")
     return g, e, model, params, prompts8, R.get_reward("shapes_exact", 1)
 
 
@@ -41,7 +44,7 @@ def report(grads: dict) -> None:
 
 def window_gradient(model, params, traj, cond, term) -> torch.Tensor:
     """The denoiser gradient of -sum over images i and window steps t of term(sl, t, step, x_next)[i] / N, with
-    `step` the CPS step (noise level 0.7) evaluated on the recorded transition of the images in slice `sl`."""
+    `step` the CPS step (NOISE_LEVEL) evaluated on the recorded transition of the images in slice `sl`."""
     n = traj.states.shape[0]
     model.zero_grad(set_to_none=True)
     for b in range(0, n, 64):
@@ -50,7 +53,7 @@ def window_gradient(model, params, traj, cond, term) -> torch.Tensor:
         for t in STEPS:
             x, x_next = traj.states[sl, t], traj.states[sl, t + 1]
             vel = model.velocity(x, SIGMAS[t].expand(x.shape[0]), cond.index(sl))
-            step = sde_step(x, vel, SIGMAS[t], SIGMAS[t + 1], noise_level=0.7, kind="cps", next_sample=x_next)
+            step = sde_step(x, vel, SIGMAS[t], SIGMAS[t + 1], noise_level=NOISE_LEVEL, kind="cps", next_sample=x_next)
             loss = loss - term(sl, t, step, x_next).sum() / n
         loss.backward()
     return torch.cat([p.grad.flatten() for p in params]).clone()

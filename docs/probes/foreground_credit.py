@@ -1,12 +1,12 @@
 """Does weighting the policy gradient toward where the shapes ended up make its estimate agree with itself?
 (docs/geneval_investigation.md, "Credit kept to the drawn shapes"). Run from the repository root:
 
-    python docs/probes/foreground_credit.py [G] [E] [MODEL_DIR]
+    python docs/probes/foreground_credit.py [G] [E] [MODEL_DIR] [--noise-level=A]
 
 E estimates (default 4), each from a fresh rollout of the same 8 train prompts x G images (default 64: the
-shipped 512-image step) with the shipped sampler (CPS, noise level 0.7, 10 steps, guidance 1, SDE steps 1-3),
-scored with `shapes_exact` and turned into group advantages. Each estimate is the denoiser gradient of
--sum_i A_i mean_d(w_id * logp_id) / N over the three steps, logp_id being the CPS log-prob of element d of image
+shipped 512-image step) with the shipped sampler (CPS, noise level 0.7 or --noise-level, 10 steps, guidance 1,
+SDE steps 1-3), scored with `shapes_exact` and turned into group advantages. Each estimate is the denoiser
+gradient of -sum_i A_i mean_d(w_id * logp_id) / N over the three steps, logp_id being the CPS log-prob of element d of image
 i's transition. The weights w come from image i's final sample: "ones" is the shipped estimator; "fgR" is
 0.05 plus the foreground (any channel above 0.25) dilated by R pixels; "bg" is the background instead; "_shuf"
 permutes the advantages within each group (a control with no reward information). Weights are scaled to mean 1
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _agreement import SIGMAS, STEPS, report, setup, window_gradient
+from _agreement import NOISE_LEVEL, SIGMAS, STEPS, report, setup, window_gradient
 from fgrpo.grpo import group_advantages
 from fgrpo.rollout import rollout
 from fgrpo.tasks import shapes
@@ -56,7 +56,7 @@ for e in range(E):
         cond = model.encode_prompts(prompts8)
         idx = torch.arange(8).repeat_interleave(G)
         cond_all = cond.index(idx)
-        traj = rollout(model, cond_all, None, sigmas, steps, guidance_scale=1.0, noise_level=0.7, kind="cps",
+        traj = rollout(model, cond_all, None, sigmas, steps, guidance_scale=1.0, noise_level=NOISE_LEVEL, kind="cps",
                        reduce="mean", batch_size=64, seed=100 + e, backend="reference")
         imgs = model.decode(traj.states[:, -1])
     u8 = shapes.images_to_uint8(imgs)

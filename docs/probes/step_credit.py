@@ -2,12 +2,13 @@
 with itself? (docs/geneval_investigation.md, "Per-step credit from ODE completions"). Run from the repository
 root:
 
-    python docs/probes/step_credit.py [G] [E] [MODEL_DIR]
+    python docs/probes/step_credit.py [G] [E] [MODEL_DIR] [--noise-level=A]
 
 E estimates (default 4), each from a fresh rollout of the same 8 train prompts x G images (default 64: the
-shipped 512-image step) with the shipped sampler (CPS, noise level 0.7, 10 steps, guidance 1, SDE steps 1-3),
-scored with `shapes_exact`. Besides the final image, each rollout's states x_1, x_2, x_3 (before each SDE step)
-are completed with the Euler ODE to an image and scored: r_k = reward(ODE(x_k)), r_4 = the rollout's reward R.
+shipped 512-image step) with the shipped sampler (CPS, noise level 0.7 or --noise-level, 10 steps, guidance 1,
+SDE steps 1-3), scored with `shapes_exact`. Besides the final image, each rollout's states x_1, x_2, x_3 (before
+each SDE step) are completed with the Euler ODE to an image and scored: r_k = reward(ODE(x_k)), r_4 = the
+rollout's reward R.
 Per-step advantages, all divided by the group's std of R:
   "group" (the shipped estimator): R minus the group mean, the same for every step;
   "state": R - r_k for step k, a baseline that depends only on the state the step starts from (unbiased);
@@ -22,7 +23,7 @@ import time
 
 import torch
 
-from _agreement import SIGMAS, STEPS, report, setup, window_gradient
+from _agreement import NOISE_LEVEL, SIGMAS, STEPS, report, setup, window_gradient
 from fgrpo.grpo import group_advantages
 from fgrpo.rollout import rollout, run_steps
 from fgrpo.tasks import shapes
@@ -47,7 +48,7 @@ for e in range(E):
     idx = torch.arange(8).repeat_interleave(G)
     with torch.no_grad():
         cond_all = model.encode_prompts(prompts8).index(idx)
-        traj = rollout(model, cond_all, None, sigmas, steps, guidance_scale=1.0, noise_level=0.7, kind="cps",
+        traj = rollout(model, cond_all, None, sigmas, steps, guidance_scale=1.0, noise_level=NOISE_LEVEL, kind="cps",
                        reduce="mean", batch_size=64, seed=100 + e, backend="reference")
         finals = {4: traj.states[:, -1]}
         for k in steps:  # ODE completion of the state each SDE step starts from
