@@ -6,11 +6,11 @@
 E estimates (default 4), each from a fresh rollout of the same 8 train prompts x G images (default 64: the
 shipped 512-image step) with the shipped sampler (CPS, noise level 0.7 or --noise-level, 10 steps, guidance 1,
 SDE steps 1-3), scored with `shapes_exact` and turned into group advantages. Each estimate is the denoiser
-gradient of -sum_i A_i mean_d(w_id * logp_id) / N over the three steps, logp_id being the CPS log-prob of element d of image
-i's transition. The weights w come from image i's final sample: "ones" is the shipped estimator; "fgR" is
-0.05 plus the foreground (any channel above 0.25) dilated by R pixels; "bg" is the background instead; "_shuf"
-permutes the advantages within each group (a control with no reward information). Weights are scaled to mean 1
-per image. Every variant uses the same rollouts. It prints the mean cosine over the pairs of estimates:
+gradient of -sum_i A_i mean_d(w_id * logp_id) / N over the three steps, logp_id being the CPS log-prob of
+element d of image i's transition. The weights w come from image i's final sample: "ones" is the shipped
+estimator; "fgR" is 0.05 plus the foreground (any channel above 0.25) dilated by R pixels; "bg" is the
+background instead; "_shuf" permutes the advantages within each group (a control with no reward information).
+Weights are scaled to mean 1 per image. Every variant uses the same rollouts. It prints the mean cosine over the pairs of estimates:
 near 1 for a gradient the batch resolves, near 0 for noise.
 """
 import time
@@ -24,7 +24,6 @@ from fgrpo.rollout import rollout
 from fgrpo.tasks import shapes
 
 G, E, model, params, prompts8, reward_fn = setup()
-sigmas, steps = SIGMAS, STEPS
 
 
 def weights(final_img: torch.Tensor, kind: str) -> torch.Tensor:
@@ -56,7 +55,7 @@ for e in range(E):
         cond = model.encode_prompts(prompts8)
         idx = torch.arange(8).repeat_interleave(G)
         cond_all = cond.index(idx)
-        traj = rollout(model, cond_all, None, sigmas, steps, guidance_scale=1.0, noise_level=NOISE_LEVEL, kind="cps",
+        traj = rollout(model, cond_all, None, SIGMAS, STEPS, guidance_scale=1.0, noise_level=NOISE_LEVEL, kind="cps",
                        reduce="mean", batch_size=64, seed=100 + e, backend="reference")
         imgs = model.decode(traj.states[:, -1])
     u8 = shapes.images_to_uint8(imgs)

@@ -29,7 +29,6 @@ from fgrpo.rollout import rollout, run_steps
 from fgrpo.tasks import shapes
 
 G, E, model, params, prompts8, reward_fn = setup()
-sigmas, steps = SIGMAS, STEPS
 
 
 def group_std(r: torch.Tensor) -> torch.Tensor:
@@ -48,14 +47,14 @@ for e in range(E):
     idx = torch.arange(8).repeat_interleave(G)
     with torch.no_grad():
         cond_all = model.encode_prompts(prompts8).index(idx)
-        traj = rollout(model, cond_all, None, sigmas, steps, guidance_scale=1.0, noise_level=NOISE_LEVEL, kind="cps",
+        traj = rollout(model, cond_all, None, SIGMAS, STEPS, guidance_scale=1.0, noise_level=NOISE_LEVEL, kind="cps",
                        reduce="mean", batch_size=64, seed=100 + e, backend="reference")
         finals = {4: traj.states[:, -1]}
-        for k in steps:  # ODE completion of the state each SDE step starts from
+        for k in STEPS:  # ODE completion of the state each SDE step starts from
             out = torch.empty_like(traj.states[:, -1])
             for b in range(0, len(plist), 64):
                 sl = slice(b, b + 64)
-                out[sl] = run_steps(model.velocity, traj.states[sl, k], cond_all.index(sl), None, sigmas[k:], [],
+                out[sl] = run_steps(model.velocity, traj.states[sl, k], cond_all.index(sl), None, SIGMAS[k:], [],
                                     guidance_scale=1.0, noise_level=0.0, kind="cps", reduce="mean", sde_step=None,
                                     noise=None)
             finals[k] = out
@@ -63,15 +62,15 @@ for e in range(E):
     std = group_std(r[4])
     centred = r[4] - r[4].view(8, G).mean(1, keepdim=True).expand(8, G).reshape(-1)
     tot = centred.pow(2).mean().item()
-    split = " ".join(f"step {k}: {(r[k + 1] - r[k]).pow(2).mean().item() / tot:.2f}" for k in steps)
-    print(f"est {e}: reward {r[4].mean():.3f}, ODE completions {' '.join(f'{r[k].mean():.3f}' for k in steps)};"
+    split = " ".join(f"step {k}: {(r[k + 1] - r[k]).pow(2).mean().item() / tot:.2f}" for k in STEPS)
+    print(f"est {e}: reward {r[4].mean():.3f}, ODE completions {' '.join(f'{r[k].mean():.3f}' for k in STEPS)};"
           f" E[(r_k+1 - r_k)^2] / within-group var of R: {split}; {time.time() - t0:.1f}s", flush=True)
     gen = torch.Generator().manual_seed(e)
-    adv = {"group": {k: group_advantages(r[4], idx) for k in steps},
-           "state": {k: ((r[4] - r[k]) / std).clamp(-5, 5) for k in steps},
-           "td": {k: ((r[k + 1] - r[k]) / std).clamp(-5, 5) for k in steps}}
-    adv["group_shuf"] = {k: permute(adv["group"][k], gen) for k in steps}
-    adv["td_shuf"] = {k: permute(adv["td"][k], gen) for k in steps}
+    adv = {"group": {k: group_advantages(r[4], idx) for k in STEPS},
+           "state": {k: ((r[4] - r[k]) / std).clamp(-5, 5) for k in STEPS},
+           "td": {k: ((r[k + 1] - r[k]) / std).clamp(-5, 5) for k in STEPS}}
+    adv["group_shuf"] = {k: permute(adv["group"][k], gen) for k in STEPS}
+    adv["td_shuf"] = {k: permute(adv["td"][k], gen) for k in STEPS}
     for v in VARIANTS:
         grads[v].append(window_gradient(model, params, traj, cond_all,
                                         lambda sl, t, step, x_next: adv[v][t][sl] * step.log_prob))
