@@ -1,0 +1,160 @@
+"""How well can the frozen denoiser draw a prompt under the best text conditioning a search can find?
+
+Every fine-tuning measured on the shipped pixel model levels off near where guidance leaves it, and
+supervised fine-tuning on correct renderings does not lift it: a capacity limit. This probe asks whether the
+limit is in the denoiser or in what the text encoder tells it. For each prompt it keeps the denoiser and
+the initial noises fixed and searches the conditioning (the 12 token embeddings and the pooled one, 832
+numbers) with the cross-entropy method, maximising the mean `shapes_exact` reward of 10-step Euler ODE
+samples on `SEARCH` fixed noises. Then it scores the prompt's own conditioning and the search's final mean
+on `HOLD` (96) other noises with the 10-step ODE (the search's sampler) and the 40-step ODE (the
+evaluation's), strict / exact.
+
+    python docs/probes/cond_search.py [ITERS] [POP] [PROMPT ...] [--search=N]
+    python docs/probes/cond_search.py invert [STEPS] [PROMPT ...]
+
+`invert` fits the conditioning instead by gradient descent on the flow-matching loss of freshly rendered
+correct scenes of the prompt (textual inversion: Adam, lr 0.02, batches of 32, logit-normal sigma as in
+pretraining), the conditioning that best explains correct images to the frozen denoiser, and scores it
+the same way. No prompts: one held-out prompt of each task type but single_object.
+"""
+import sys
+import time
+
+import numpy as np
+import torch
+
+from fgrpo import rewards as R
+from fgrpo.models.base import PromptEmbeds
+from fgrpo.models.embedded import EmbeddedFlowModel
+from fgrpo.sampling import flow_sigmas, image_seeds, initial_noise
+from fgrpo.sde import sde_step
+from fgrpo.tasks import shapes
+
+# `--search=N` anywhere on the command line: the number of fixed noises a candidate is scored on (32)
+SEARCH = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--search=")), 32)
+HOLD, ELITE_FRACTION = 96, 0.25
+DEFAULT = ["a circle and a cross", "three circles", "a green cross", "a square left of a cross",
+           "a white circle and a blue square"]
+
+
+@torch.no_grad()
+def sample(model, tokens, pooled, noise, steps):
+    """Euler ODE from `noise` under one conditioning (tokens (12, D), pooled (D,)); uint8 images."""
+    sig = flow_sigmas(steps, 3.0)
+    n = noise.shape[0]
+    tok, pool = tokens.expand(n, -1, -1), pooled.expand(n, -1)
+    cond, x = PromptEmbeds(tok, pool), noise.clone()
+    for t in range(steps):
+        v = model.velocity(x, sig[t].expand(n), cond)
+        x = sde_step(x, v, sig[t], sig[t + 1], noise_level=0.0, kind="cps").next_sample
+    return shapes.images_to_uint8(model.decode(x))
+
+
+def score(reward, prompt, images):
+    r = reward([prompt] * len(images), images)
+    exact = shapes.score_images([prompt] * len(images), images)["extra"] == 0
+    return float(r["reward"].mean()), float(r["strict"].mean()), float((r["strict"] & exact).mean())
+
+
+def search(model, reward, prompt, iters, pop, rng):
+    e = model.encode_prompts([prompt])
+    tok0, pool0 = e.tokens[0], e.pooled[0]
+    flat0 = torch.cat([tok0.flatten(), pool0])
+    shape = tok0.shape
+    unflat = lambda f: (f[: tok0.numel()].view(shape), f[tok0.numel():])  # noqa: E731
+    sd = torch.full_like(flat0, 0.5 * float(flat0.std()))
+    mean = flat0.clone()
+    noise = initial_noise(model.state_shape, image_seeds(7, 0, SEARCH))
+    n_elite = max(2, int(pop * ELITE_FRACTION))
+    base_fit = score(reward, prompt, sample(model, *unflat(flat0), noise, 10))
+    print(f"  search noises, own conditioning: reward {base_fit[0]:.3f} strict {base_fit[1]:.3f}", flush=True)
+    for it in range(iters):
+        g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        cands = [mean] + [mean + sd * torch.randn(flat0.shape, generator=g) for _ in range(pop - 1)]
+        fits = [score(reward, prompt, sample(model, *unflat(c), noise, 10)) for c in cands]
+        order = np.argsort([-f[0] for f in fits])[:n_elite]
+        elite = torch.stack([cands[i] for i in order])
+        mean, sd = elite.mean(0), elite.std(0).clamp_min(1e-3 * float(flat0.std()))
+        print(f"  iter {it + 1}: mean's reward {fits[0][0]:.3f} strict {fits[0][1]:.3f}; best {fits[order[0]][0]:.3f};"
+              f" distance of the mean from own {float((mean - flat0).norm() / flat0.norm()):.2f}", flush=True)
+    hold = initial_noise(model.state_shape, image_seeds(11, 0, HOLD))
+    own10 = score(reward, prompt, sample(model, *unflat(flat0), hold, 10))
+    found10 = score(reward, prompt, sample(model, *unflat(mean), hold, 10))
+    print(f"  held-out noises, 10-step ODE (the search's sampler): own {own10[1]:.3f} / {own10[2]:.3f} (reward "
+          f"{own10[0]:.3f}) -> searched {found10[1]:.3f} / {found10[2]:.3f} (reward {found10[0]:.3f})", flush=True)
+    own = score(reward, prompt, sample(model, *unflat(flat0), hold, 40))
+    found = score(reward, prompt, sample(model, *unflat(mean), hold, 40))
+    return own, found
+
+
+def invert(model, reward, prompt, steps):
+    e = model.encode_prompts([prompt])
+    tok = e.tokens[0].clone().requires_grad_(True)
+    pool = e.pooled[0].clone().requires_grad_(True)
+    opt = torch.optim.Adam([tok, pool], lr=0.02)
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        x0 = shapes.uint8_to_tensor(shapes.render_batch([prompt] * 32, seed=1000 + step))
+        sigma = torch.sigmoid(torch.randn(32, generator=g))
+        eps = torch.randn(x0.shape, generator=g)
+        s = sigma.view(-1, 1, 1, 1)
+        v = model.velocity((1 - s) * x0 + s * eps, sigma, PromptEmbeds(tok.expand(32, -1, -1), pool.expand(32, -1)))
+        loss = ((v - (eps - x0)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            moved = torch.cat([(tok - e.tokens[0]).flatten(), pool - e.pooled[0]]).detach().norm()
+            own = torch.cat([e.tokens[0].flatten(), e.pooled[0]]).norm()
+            print(f"  step {step}: flow-matching loss {loss.item():.4f}; distance from own {float(moved / own):.2f}",
+                  flush=True)
+    hold = initial_noise(model.state_shape, image_seeds(11, 0, HOLD))
+    own = score(reward, prompt, sample(model, e.tokens[0], e.pooled[0], hold, 40))
+    found = score(reward, prompt, sample(model, tok.detach(), pool.detach(), hold, 40))
+    return own, found
+
+
+def main():
+    args = [a for a in sys.argv[1:] if not a.startswith("--search=")]
+    if args and args[0] == "invert":
+        steps = int(args[1]) if len(args) > 1 else 300
+        prompts = args[2:] or DEFAULT
+        model = EmbeddedFlowModel.from_pretrained(None).eval()
+        model.denoiser.requires_grad_(False)
+        reward = R.get_reward("shapes_exact", 1)
+        rows = []
+        for p in prompts:
+            t0 = time.time()
+            print(f"{p!r} ({shapes.parse_prompt(p).task})", flush=True)
+            own, found = invert(model, reward, p, steps)
+            rows.append((p, own, found))
+            print(f"  held-out noises, 40-step ODE: own {own[1]:.3f} / {own[2]:.3f} (reward {own[0]:.3f}) -> inverted "
+                  f"{found[1]:.3f} / {found[2]:.3f} (reward {found[0]:.3f}); {time.time() - t0:.0f} s", flush=True)
+        _table(rows, "inverted")
+        return
+    iters = int(args[0]) if args else 10
+    pop = int(args[1]) if len(args) > 1 else 24
+    prompts = args[2:] or DEFAULT
+    torch.manual_seed(0)
+    model = EmbeddedFlowModel.from_pretrained(None).eval()
+    reward = R.get_reward("shapes_exact", 1)
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in prompts:
+        t0 = time.time()
+        print(f"{p!r} ({shapes.parse_prompt(p).task})", flush=True)
+        own, found = search(model, reward, p, iters, pop, rng)
+        rows.append((p, own, found))
+        print(f"  held-out noises, 40-step ODE: own {own[1]:.3f} / {own[2]:.3f} (reward {own[0]:.3f}) -> searched "
+              f"{found[1]:.3f} / {found[2]:.3f} (reward {found[0]:.3f}); {time.time() - t0:.0f} s", flush=True)
+    _table(rows, "searched")
+
+
+def _table(rows, what):
+    print(f"\n| prompt | own strict / exact | {what} strict / exact |\n|---|---|---|")
+    for p, own, found in rows:
+        print(f"| `{p}` | {own[1]:.3f} / {own[2]:.3f} | {found[1]:.3f} / {found[2]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
