@@ -9,7 +9,7 @@ samples on `SEARCH` fixed noises. Then it scores the prompt's own conditioning a
 on `HOLD` (96) other noises with the 10-step ODE (the search's sampler) and the 40-step ODE (the
 evaluation's), strict / exact.
 
-    python docs/probes/cond_search.py [ITERS] [POP] [PROMPT ...] [--search=N]
+    python docs/probes/cond_search.py [ITERS] [POP] [PROMPT ...] [--search=N] [--seed=N]
     python docs/probes/cond_search.py invert [STEPS] [PROMPT ...]
 
 `invert` fits the conditioning instead by gradient descent on the flow-matching loss of freshly rendered
@@ -32,6 +32,8 @@ from fgrpo.tasks import shapes
 
 # `--search=N` anywhere on the command line: the number of fixed noises a candidate is scored on (32)
 SEARCH = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--search=")), 32)
+# `--seed=N`: the seed of the search's noises and candidates (0); the 96 scoring noises stay the same
+SEED = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--seed=")), 0)
 HOLD, ELITE_FRACTION = 96, 0.25
 DEFAULT = ["a circle and a cross", "three circles", "a green cross", "a square left of a cross",
            "a white circle and a blue square"]
@@ -50,13 +52,21 @@ def sample(model, tokens, pooled, noise, steps):
     return shapes.images_to_uint8(model.decode(x))
 
 
-def score(reward, prompt, images):
-    r = reward([prompt] * len(images), images)
-    exact = shapes.score_images([prompt] * len(images), images)["extra"] == 0
-    return float(r["reward"].mean()), float(r["strict"].mean()), float((r["strict"] & exact).mean())
+def score(prompt, images):
+    """(mean `shapes_exact` reward, strict rate, exact rate: strict with no spare shape) of one prompt's images."""
+    prompts = [prompt] * len(images)
+    s = shapes.score_images(prompts, images)
+    reward = (s["reward"] * R._spare_factor(prompts, s["extra"])).astype(np.float32)  # `shapes_exact`, scored once
+    return float(reward.mean()), float(s["strict"].mean()), float((s["strict"] & (s["extra"] == 0)).mean())
 
 
-def search(model, reward, prompt, iters, pop, rng):
+def compare(model, prompt, own, found, steps):
+    """Scores of the own and the found conditioning ((tokens, pooled) each) on the HOLD scoring noises."""
+    hold = initial_noise(model.state_shape, image_seeds(11, 0, HOLD))
+    return score(prompt, sample(model, *own, hold, steps)), score(prompt, sample(model, *found, hold, steps))
+
+
+def search(model, prompt, iters, pop, rng):
     e = model.encode_prompts([prompt])
     tok0, pool0 = e.tokens[0], e.pooled[0]
     flat0 = torch.cat([tok0.flatten(), pool0])
@@ -64,30 +74,26 @@ def search(model, reward, prompt, iters, pop, rng):
     unflat = lambda f: (f[: tok0.numel()].view(shape), f[tok0.numel():])  # noqa: E731
     sd = torch.full_like(flat0, 0.5 * float(flat0.std()))
     mean = flat0.clone()
-    noise = initial_noise(model.state_shape, image_seeds(7, 0, SEARCH))
+    noise = initial_noise(model.state_shape, image_seeds(7 + 100 * SEED, 0, SEARCH))
     n_elite = max(2, int(pop * ELITE_FRACTION))
-    base_fit = score(reward, prompt, sample(model, *unflat(flat0), noise, 10))
+    base_fit = score(prompt, sample(model, *unflat(flat0), noise, 10))
     print(f"  search noises, own conditioning: reward {base_fit[0]:.3f} strict {base_fit[1]:.3f}", flush=True)
     for it in range(iters):
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))
         cands = [mean] + [mean + sd * torch.randn(flat0.shape, generator=g) for _ in range(pop - 1)]
-        fits = [score(reward, prompt, sample(model, *unflat(c), noise, 10)) for c in cands]
+        fits = [score(prompt, sample(model, *unflat(c), noise, 10)) for c in cands]
         order = np.argsort([-f[0] for f in fits])[:n_elite]
         elite = torch.stack([cands[i] for i in order])
         mean, sd = elite.mean(0), elite.std(0).clamp_min(1e-3 * float(flat0.std()))
         print(f"  iter {it + 1}: mean's reward {fits[0][0]:.3f} strict {fits[0][1]:.3f}; best {fits[order[0]][0]:.3f};"
               f" distance of the mean from own {float((mean - flat0).norm() / flat0.norm()):.2f}", flush=True)
-    hold = initial_noise(model.state_shape, image_seeds(11, 0, HOLD))
-    own10 = score(reward, prompt, sample(model, *unflat(flat0), hold, 10))
-    found10 = score(reward, prompt, sample(model, *unflat(mean), hold, 10))
+    own10, found10 = compare(model, prompt, unflat(flat0), unflat(mean), 10)
     print(f"  held-out noises, 10-step ODE (the search's sampler): own {own10[1]:.3f} / {own10[2]:.3f} (reward "
           f"{own10[0]:.3f}) -> searched {found10[1]:.3f} / {found10[2]:.3f} (reward {found10[0]:.3f})", flush=True)
-    own = score(reward, prompt, sample(model, *unflat(flat0), hold, 40))
-    found = score(reward, prompt, sample(model, *unflat(mean), hold, 40))
-    return own, found
+    return compare(model, prompt, unflat(flat0), unflat(mean), 40)
 
 
-def invert(model, reward, prompt, steps):
+def invert(model, prompt, steps):
     e = model.encode_prompts([prompt])
     tok = e.tokens[0].clone().requires_grad_(True)
     pool = e.pooled[0].clone().requires_grad_(True)
@@ -105,52 +111,35 @@ def invert(model, reward, prompt, steps):
         opt.step()
         if step % 50 == 0 or step == steps - 1:
             moved = torch.cat([(tok - e.tokens[0]).flatten(), pool - e.pooled[0]]).detach().norm()
-            own = torch.cat([e.tokens[0].flatten(), e.pooled[0]]).norm()
-            print(f"  step {step}: flow-matching loss {loss.item():.4f}; distance from own {float(moved / own):.2f}",
+            scale = torch.cat([e.tokens[0].flatten(), e.pooled[0]]).norm()
+            print(f"  step {step}: flow-matching loss {loss.item():.4f}; distance from own {float(moved / scale):.2f}",
                   flush=True)
-    hold = initial_noise(model.state_shape, image_seeds(11, 0, HOLD))
-    own = score(reward, prompt, sample(model, e.tokens[0], e.pooled[0], hold, 40))
-    found = score(reward, prompt, sample(model, tok.detach(), pool.detach(), hold, 40))
-    return own, found
+    return compare(model, prompt, (e.tokens[0], e.pooled[0]), (tok.detach(), pool.detach()), 40)
 
 
 def main():
-    args = [a for a in sys.argv[1:] if not a.startswith("--search=")]
-    if args and args[0] == "invert":
-        steps = int(args[1]) if len(args) > 1 else 300
-        prompts = args[2:] or DEFAULT
-        model = EmbeddedFlowModel.from_pretrained(None).eval()
-        model.denoiser.requires_grad_(False)
-        reward = R.get_reward("shapes_exact", 1)
-        rows = []
-        for p in prompts:
-            t0 = time.time()
-            print(f"{p!r} ({shapes.parse_prompt(p).task})", flush=True)
-            own, found = invert(model, reward, p, steps)
-            rows.append((p, own, found))
-            print(f"  held-out noises, 40-step ODE: own {own[1]:.3f} / {own[2]:.3f} (reward {own[0]:.3f}) -> inverted "
-                  f"{found[1]:.3f} / {found[2]:.3f} (reward {found[0]:.3f}); {time.time() - t0:.0f} s", flush=True)
-        _table(rows, "inverted")
-        return
-    iters = int(args[0]) if args else 10
-    pop = int(args[1]) if len(args) > 1 else 24
-    prompts = args[2:] or DEFAULT
+    args = [a for a in sys.argv[1:] if not a.startswith(("--search=", "--seed="))]
     torch.manual_seed(0)
     model = EmbeddedFlowModel.from_pretrained(None).eval()
-    reward = R.get_reward("shapes_exact", 1)
-    rng = np.random.default_rng(0)
+    if args and args[0] == "invert":
+        steps = int(args[1]) if len(args) > 1 else 300
+        prompts, what = args[2:] or DEFAULT, "inverted"
+        model.denoiser.requires_grad_(False)
+        fit = lambda p: invert(model, p, steps)  # noqa: E731
+    else:
+        iters = int(args[0]) if args else 10
+        pop = int(args[1]) if len(args) > 1 else 24
+        prompts, what = args[2:] or DEFAULT, "searched"
+        rng = np.random.default_rng(SEED)
+        fit = lambda p: search(model, p, iters, pop, rng)  # noqa: E731
     rows = []
     for p in prompts:
         t0 = time.time()
         print(f"{p!r} ({shapes.parse_prompt(p).task})", flush=True)
-        own, found = search(model, reward, p, iters, pop, rng)
+        own, found = fit(p)
         rows.append((p, own, found))
-        print(f"  held-out noises, 40-step ODE: own {own[1]:.3f} / {own[2]:.3f} (reward {own[0]:.3f}) -> searched "
+        print(f"  held-out noises, 40-step ODE: own {own[1]:.3f} / {own[2]:.3f} (reward {own[0]:.3f}) -> {what} "
               f"{found[1]:.3f} / {found[2]:.3f} (reward {found[0]:.3f}); {time.time() - t0:.0f} s", flush=True)
-    _table(rows, "searched")
-
-
-def _table(rows, what):
     print(f"\n| prompt | own strict / exact | {what} strict / exact |\n|---|---|---|")
     for p, own, found in rows:
         print(f"| `{p}` | {own[1]:.3f} / {own[2]:.3f} | {found[1]:.3f} / {found[2]:.3f} |")
