@@ -25,30 +25,27 @@ import torch
 
 from fgrpo import rewards as R
 from fgrpo.models.base import PromptEmbeds
+from fgrpo.engine import RolloutEngine
 from fgrpo.models.embedded import EmbeddedFlowModel
-from fgrpo.sampling import flow_sigmas, image_seeds, initial_noise
-from fgrpo.sde import sde_step
+from fgrpo.sampling import flow_sigmas
 from fgrpo.tasks import shapes
 
 # `--search=N` anywhere on the command line: the number of fixed noises a candidate is scored on (32)
 SEARCH = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--search=")), 32)
 # `--seed=N`: the seed of the search's noises and candidates (0); the 96 scoring noises stay the same
 SEED = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--seed=")), 0)
-HOLD, ELITE_FRACTION = 96, 0.25
+HOLD, HOLD_SEED, ELITE_FRACTION = 96, 11, 0.25
 DEFAULT = ["a circle and a cross", "three circles", "a green cross", "a square left of a cross",
            "a white circle and a blue square"]
 
 
 @torch.no_grad()
-def sample(model, tokens, pooled, noise, steps):
-    """Euler ODE from `noise` under one conditioning (tokens (12, D), pooled (D,)); uint8 images."""
-    sig = flow_sigmas(steps, 3.0)
-    n = noise.shape[0]
-    tok, pool = tokens.expand(n, -1, -1), pooled.expand(n, -1)
-    cond, x = PromptEmbeds(tok, pool), noise.clone()
-    for t in range(steps):
-        v = model.velocity(x, sig[t].expand(n), cond)
-        x = sde_step(x, v, sig[t], sig[t + 1], noise_level=0.0, kind="cps").next_sample
+def sample(model, tokens, pooled, seed, n, steps):
+    """`n` Euler ODE samples under one conditioning (tokens (12, D), pooled (D,)) from the initial noises of
+    run seed `seed` (the package's eager rollout engine); uint8 images."""
+    cond = PromptEmbeds(tokens.expand(n, -1, -1), pooled.expand(n, -1))
+    engine = RolloutEngine(model, cuda_graph=False)
+    x = engine.sample(cond, None, flow_sigmas(steps, 3.0), guidance_scale=1.0, batch_size=n, seed=seed)
     return shapes.images_to_uint8(model.decode(x))
 
 
@@ -62,8 +59,8 @@ def score(prompt, images):
 
 def compare(model, prompt, own, found, steps):
     """Scores of the own and the found conditioning ((tokens, pooled) each) on the HOLD scoring noises."""
-    hold = initial_noise(model.state_shape, image_seeds(11, 0, HOLD))
-    return score(prompt, sample(model, *own, hold, steps)), score(prompt, sample(model, *found, hold, steps))
+    return (score(prompt, sample(model, *own, HOLD_SEED, HOLD, steps)),
+            score(prompt, sample(model, *found, HOLD_SEED, HOLD, steps)))
 
 
 def search(model, prompt, iters, pop, rng):
@@ -74,14 +71,14 @@ def search(model, prompt, iters, pop, rng):
     unflat = lambda f: (f[: tok0.numel()].view(shape), f[tok0.numel():])  # noqa: E731
     sd = torch.full_like(flat0, 0.5 * float(flat0.std()))
     mean = flat0.clone()
-    noise = initial_noise(model.state_shape, image_seeds(7 + 100 * SEED, 0, SEARCH))
+    seed = 7 + 100 * SEED  # the search's initial noises
     n_elite = max(2, int(pop * ELITE_FRACTION))
-    base_fit = score(prompt, sample(model, *unflat(flat0), noise, 10))
+    base_fit = score(prompt, sample(model, *unflat(flat0), seed, SEARCH, 10))
     print(f"  search noises, own conditioning: reward {base_fit[0]:.3f} strict {base_fit[1]:.3f}", flush=True)
     for it in range(iters):
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))
         cands = [mean] + [mean + sd * torch.randn(flat0.shape, generator=g) for _ in range(pop - 1)]
-        fits = [score(prompt, sample(model, *unflat(c), noise, 10)) for c in cands]
+        fits = [score(prompt, sample(model, *unflat(c), seed, SEARCH, 10)) for c in cands]
         order = np.argsort([-f[0] for f in fits])[:n_elite]
         elite = torch.stack([cands[i] for i in order])
         mean, sd = elite.mean(0), elite.std(0).clamp_min(1e-3 * float(flat0.std()))
