@@ -41,11 +41,7 @@ from fgrpo.models.base import PromptEmbeds
 from fgrpo.models.embedded import EmbeddedFlowModel
 from fgrpo.tasks import shapes
 from fgrpo.train import choose_prompts
-from noise_prior import ode
-
-
-def option(name, default):
-    return type(default)(next((a.split("=", 1)[1] for a in sys.argv if a.startswith(f"--{name}=")), default))
+from noise_prior import ode, option, upsample
 
 
 K, FEAT, OPT, LR = option("k", 4), option("feat", "clip"), option("opt", "adam"), option("lr", 2e-4)
@@ -57,10 +53,6 @@ if THREADS:
     torch.set_num_threads(THREADS)
 if OPT == "sgd" and FEAT != "onehot":
     sys.exit("--opt=sgd shares a prompt's step out over its words: use it with --feat=onehot")
-
-
-def upsample(mu):
-    return F.interpolate(mu, scale_factor=32 // K, mode="nearest")
 
 
 class Prior(nn.Module):
