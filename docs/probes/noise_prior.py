@@ -28,6 +28,7 @@ from fgrpo import rewards as R
 from fgrpo.rewards import group_diversity, quality_proxies
 from fgrpo.models.base import PromptEmbeds
 from fgrpo.models.embedded import EmbeddedFlowModel
+from fgrpo.rollout import run_steps
 from fgrpo.sampling import flow_sigmas
 from fgrpo.tasks import shapes
 
@@ -42,14 +43,13 @@ HOLD, HOLD_SEED, SEARCH_SEED = 96, 11, 5
 
 @torch.no_grad()
 def ode(model, x, embeds, steps, batch=32):
-    """Euler ODE from the initial states `x` under per-image `embeds`; uint8 images."""
+    """Euler ODE from the initial states `x` under per-image `embeds` (the package's step loop, in batches of
+    `batch`); uint8 images."""
     sig = flow_sigmas(steps, 3.0)
-    for i in range(steps):
-        s = sig[i].expand(x.shape[0])
-        v = torch.cat([model.velocity(x[j:j + batch], s[j:j + batch], embeds.index(slice(j, j + batch)))
-                       for j in range(0, len(x), batch)])
-        x = x + v * (sig[i + 1] - sig[i])
-    return shapes.images_to_uint8(model.decode(x))
+    final = [run_steps(model.velocity, x[j:j + batch], embeds.index(slice(j, j + batch)), None, sig, [],
+                       guidance_scale=1.0, noise_level=0.0, kind="sde", reduce="mean", sde_step=None, noise=None)
+             for j in range(0, len(x), batch)]
+    return shapes.images_to_uint8(model.decode(torch.cat(final)))
 
 
 def upsample(mu):

@@ -126,7 +126,7 @@ def main():
             loss = -(adv * z * prior(key) / SD).sum((1, 2, 3)).mean()
         else:
             step = (adv * z).view(PROMPTS, GROUP, 3, K, K).mean(1)
-            words = torch.tensor([float((model.tokenize([p]) > 0).sum()) for p in chosen]).view(-1, 1, 1, 1)
+            words = (model.tokenize(chosen) > 0).sum(1).float().view(-1, 1, 1, 1)  # tokens with EOS, not padding
             loss = -(SD * step * prior(chosen) / words).sum()
         opt.zero_grad()
         loss.backward()
