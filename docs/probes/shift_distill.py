@@ -32,7 +32,6 @@ prompt); `--evmin` is the evaluation's `min_images_per_task`.
 import random
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -94,8 +93,8 @@ def main():
             embeds = model.encode_unique(prompts)
         w = torch.randn(len(prompts), 3, 32, 32, generator=g)
         states = rollout(model, w, embeds, sig)
-        s = shapes.score_images(prompts, shapes.images_to_uint8(model.decode(states[:, -1])), 2)
-        r = torch.tensor((s["reward"] * R._spare_factor(prompts, s["extra"])).astype(np.float32)).view(PROMPTS, GROUP)
+        s = R.shapes_exact_reward(prompts, shapes.images_to_uint8(model.decode(states[:, -1])), 2)
+        r = torch.from_numpy(s["reward"]).view(PROMPTS, GROUP)
         adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1, 1, 1, 1)
         z = F.avg_pool2d(w, 32 // K) / SD
         step = (adv * z).view(PROMPTS, GROUP, 3, K, K).mean(1, keepdim=True).expand(-1, GROUP, -1, -1, -1)
@@ -111,14 +110,14 @@ def main():
                 return torch.cat([model.velocity(xs[j:j + BATCH] + sign * ss[j:j + BATCH, None, None, None] * ds[j:j + BATCH],
                                                  ss[j:j + BATCH], es.index(slice(j, j + BATCH)))
                                   for j in range(0, len(xs), BATCH)])
+            v0 = v_at(0.0)
             if CENTRAL:  # first order only: a zero-mean shift must not smooth the model on average
-                target = v_at(0.0) + 0.5 * (v_at(1.0) - v_at(-1.0)) - ds
+                target = v0 + 0.5 * (v_at(1.0) - v_at(-1.0)) - ds
             else:
                 target = v_at(1.0) - ds
-            n = len(xs)
-            sub = torch.arange(0, n, max(1, n // 256))  # a fixed subsample for the fit diagnostics
-            base = model.velocity(xs[sub], ss[sub], es.index(sub))
-        r0 = float((target[sub] - base).pow(2).mean())
+        n = len(xs)
+        sub = torch.arange(0, n, max(1, n // 256))  # a fixed subsample for the fit diagnostics
+        r0 = float((target[sub] - v0[sub]).pow(2).mean())
         for _ in range(INNER):
             perm = torch.randperm(n, generator=g)
             for j in range(0, n, BATCH):
