@@ -37,6 +37,16 @@ def option(name, default):
     return type(default)(next((a.split("=", 1)[1] for a in sys.argv if a.startswith(f"--{name}=")), default))
 
 
+def draw_epoch(model, train_prompts, n_prompts, group, rng, g):
+    """One epoch's prompts (`n_prompts` drawn by the trainer's rule, each `group` times), their embeddings
+    and the images' initial white noise."""
+    from fgrpo.train import choose_prompts
+    prompts = [p for p in choose_prompts(train_prompts, n_prompts, rng) for _ in range(group)]
+    with torch.no_grad():
+        embeds = model.encode_unique(prompts)
+    return prompts, embeds, torch.randn(len(prompts), *model.state_shape, generator=g)
+
+
 K, ITERS, N, LR = option("k", 4), option("iters", 40), option("n", 64), option("lr", 1.0)
 HOLD, HOLD_SEED, SEARCH_SEED = 96, 11, 5
 

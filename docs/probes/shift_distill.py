@@ -42,8 +42,7 @@ from fgrpo.models.embedded import EmbeddedFlowModel
 from fgrpo.rollout import run_steps
 from fgrpo.sampling import flow_sigmas
 from fgrpo.tasks import shapes
-from fgrpo.train import choose_prompts
-from noise_prior import option
+from noise_prior import draw_epoch, option
 
 
 K, LR_SHIFT, LR, INNER = option("k", 4), option("lr_shift", 4.0), option("lr", 1e-4), option("inner", 1)
@@ -87,11 +86,7 @@ def main():
     rng, g, t0 = random.Random(SEED), torch.Generator().manual_seed(1000 + SEED), time.time()
     run_eval("epoch 0")
     for epoch in range(1, EPOCHS + 1):
-        chosen = choose_prompts(train_prompts, PROMPTS, rng)
-        prompts = [p for p in chosen for _ in range(GROUP)]
-        with torch.no_grad():
-            embeds = model.encode_unique(prompts)
-        w = torch.randn(len(prompts), 3, 32, 32, generator=g)
+        prompts, embeds, w = draw_epoch(model, train_prompts, PROMPTS, GROUP, rng, g)
         states = rollout(model, w, embeds, sig)
         s = R.shapes_exact_reward(prompts, shapes.images_to_uint8(model.decode(states[:, -1])), 2)
         r = torch.from_numpy(s["reward"]).view(PROMPTS, GROUP)
