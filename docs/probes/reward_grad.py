@@ -16,12 +16,13 @@ The model is pixel-space, so a sample is its last state. Each epoch draws `--pro
 `--group` noises, runs the 10-step Euler ODE of the rollouts without gradients up to the last `--k` steps and
 with them through those (the reward gradient reaches the denoiser at `--k` noise levels), and takes one
 optimizer step (`--opt=adam|sgd`, `--lr`, clipped at `--clip`) on minus the mean differentiable reward. The
-segmentation is that of the final image of the same forward. Held-out evaluation: the package's
+segmentation is that of the final image of the same forward. `--save=DIR` writes the trained model there at
+the end (`model.path` of a config). Held-out evaluation: the package's
 (`fgrpo.evaluate.evaluate`, shipped settings) every `--every` epochs.
 
     python docs/probes/reward_grad.py [--k=2] [--lr=1e-5] [--opt=adam] [--clip=1] [--prompts=8] [--group=64]
         [--epochs=20] [--every=10] [--train=train] [--test=test] [--evmin=32] [--batch=64] [--seed=0] [--check=1]
-        [--eval0=1] [--soft_extra=1]
+        [--eval0=1] [--soft_extra=1] [--save=DIR]
 """
 import random
 import time
@@ -44,6 +45,7 @@ PROMPTS, GROUP, EPOCHS, EVERY = option("prompts", 8), option("group", 64), optio
 TRAIN, TEST, EVMIN, SEED, BATCH = option("train", "train"), option("test", "test"), option("evmin", 32), \
     option("seed", 0), option("batch", 64)
 CHECK, EVAL0, SOFT_EXTRA = option("check", 1), option("eval0", 1), option("soft_extra", 1)
+SAVE = option("save", "")
 NUM_STEPS = 10
 PALETTE = torch.tensor(shapes._PALETTE)
 
@@ -195,6 +197,8 @@ def main():
             print("warning: the differentiable reward disagrees with shapes_soft", flush=True)
         if epoch % EVERY == 0 or epoch == EPOCHS:
             run_eval(f"epoch {epoch}")
+    if SAVE:
+        model.save_pretrained(SAVE)
 
 
 if __name__ == "__main__":
