@@ -6,11 +6,11 @@ held fixed everything after it is differentiable in the pixels: a component's so
 share of each pixel), its moments, the coverage resampled on a grid scaled by them, the correlations with the
 shape templates and `shapes_soft`'s clauses over the resulting soft shape labels. `soft_scores` below is
 that computation in torch; for the images it is given it equals `fgrpo.tasks.shapes.soft_score` times the
-exact reward's charge for extra shapes (checked on every run, `--check`). With `--soft_extra=1` (the default)
-that charge is differentiable too: the number of extra shapes is the sum of the components' soft "is a shape"
-(the sigmoid of `shapes_soft`) beyond the number named, so a gradient that would make a spare blob a shape
-pays for it. Its gradient says which pixels
-make a blob more the named shape, or move a shape to the named side, for every image at once.
+exact reward's charge for extra shapes (checked on every run, `--check`). Its gradient says which pixels make
+a blob more the named shape, or move a shape to the named side, for every image at once. With
+`--soft_extra=1` (the default) the charge for extra shapes is differentiable too: their number is the sum of
+the components' soft "is a shape" (the sigmoid of `shapes_soft`) beyond the number named, so a gradient that
+would make a spare blob a shape pays for it.
 
 The model is pixel-space, so a sample is its last state. Each epoch draws `--prompts` train prompts x
 `--group` noises, runs the 10-step Euler ODE of the rollouts without gradients up to the last `--k` steps and
@@ -20,8 +20,8 @@ segmentation is that of the final image of the same forward. `--save=DIR` writes
 the end (`model.path` of a config). Held-out evaluation: the package's
 (`fgrpo.evaluate.evaluate`, shipped settings) every `--every` epochs.
 
-    python docs/probes/reward_grad.py [--k=2] [--lr=1e-5] [--opt=adam] [--clip=1] [--prompts=8] [--group=64]
-        [--epochs=20] [--every=10] [--train=train] [--test=test] [--evmin=32] [--batch=64] [--seed=0] [--check=1]
+    python docs/probes/reward_grad.py [--k=10] [--lr=1e-4] [--opt=adam] [--clip=1] [--prompts=8] [--group=64]
+        [--epochs=10] [--every=5] [--train=train] [--test=test] [--evmin=32] [--batch=64] [--seed=0] [--check=1]
         [--eval0=1] [--soft_extra=1] [--save=DIR]
 """
 import random
@@ -40,8 +40,8 @@ from fgrpo.tasks import shapes
 from noise_prior import draw_epoch, option
 
 
-K, LR, OPT, CLIP = option("k", 2), option("lr", 1e-5), option("opt", "adam"), option("clip", 1.0)
-PROMPTS, GROUP, EPOCHS, EVERY = option("prompts", 8), option("group", 64), option("epochs", 20), option("every", 10)
+K, LR, OPT, CLIP = option("k", 10), option("lr", 1e-4), option("opt", "adam"), option("clip", 1.0)
+PROMPTS, GROUP, EPOCHS, EVERY = option("prompts", 8), option("group", 64), option("epochs", 10), option("every", 5)
 TRAIN, TEST, EVMIN, SEED, BATCH = option("train", "train"), option("test", "test"), option("evmin", 32), \
     option("seed", 0), option("batch", 64)
 CHECK, EVAL0, SOFT_EXTRA = option("check", 1), option("eval0", 1), option("soft_extra", 1)
@@ -50,8 +50,9 @@ NUM_STEPS = 10
 PALETTE = torch.tensor(shapes._PALETTE)
 
 
-def _features(soft: torch.Tensor) -> torch.Tensor:
-    """shapes._feature of each soft mask (M, H, W): resampled on a grid scaled by its moments, normalised."""
+def _features(soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """shapes._feature of each soft mask (M, H, W): resampled on a grid scaled by its moments, normalised;
+    with the masks' centroids x and y (M,)."""
     m, h, w = soft.shape
     ys = torch.arange(h, dtype=soft.dtype) + 0.5
     xs = torch.arange(w, dtype=soft.dtype) + 0.5
