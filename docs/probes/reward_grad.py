@@ -96,8 +96,8 @@ def soft_scores(prompts: list[str], images: torch.Tensor):
             colour.append(c)
             support.append(torch.from_numpy(soft > 0))
     n, h = len(prompts), images.shape[-1]
-    out = [images.sum() * 0.0 for _ in range(n)]
-    shapes_found = [images.sum() * 0.0 for _ in range(n)]
+    out = [images.sum() * 0.0 for _ in range(n)]  # zero, in the graph: images with no component
+    found = torch.zeros(n)  # soft number of shapes in each image
     if owner:
         own, col = torch.tensor(owner), torch.tensor(colour)
         pal = PALETTE[col]  # (M, 3)
@@ -109,6 +109,7 @@ def soft_scores(prompts: list[str], images: torch.Tensor):
         top = match.max(1, keepdim=True).values
         valid = torch.sigmoid((top - shapes.MATCH_THRESHOLD) / shapes.SOFT_VALID_WIDTH)  # (M, 1): "is a shape"
         q = torch.softmax((match - top) / shapes.SOFT_TEMPERATURE, 1) * valid
+        found = found.index_add(0, own, valid[:, 0])
         idx = {s: j for j, s in enumerate(shapes.SHAPES)}
         for i, p in enumerate(prompts):
             sel = (own == i).nonzero().flatten()
@@ -116,7 +117,6 @@ def soft_scores(prompts: list[str], images: torch.Tensor):
                 continue
             spec = shapes.parse_prompt(p)
             o = spec.objects
-            shapes_found[i] = valid[sel].sum()
 
             def of(x, coloured=False):
                 c = q[sel, idx[x.shape]]
@@ -145,11 +145,13 @@ def soft_scores(prompts: list[str], images: torch.Tensor):
                 out[i] = _best_pair(of(o[0], True), of(o[1], True)) / 2
     hard = shapes.score_images(prompts, u8)
     spare = torch.from_numpy(R._spare_factor(prompts, hard["extra"]))
-    if SOFT_EXTRA:  # the charge for extra shapes, with "is a shape" soft: drawing a spare shape costs reward
-        named = torch.tensor([float(shapes.named_count(p)) for p in prompts])
-        extra = (torch.stack(shapes_found) - named).clamp(min=0)
-        return torch.stack(out) * (named / (named + extra)) ** 2, torch.stack(out) * spare, hard, spare
-    return torch.stack(out) * spare, torch.stack(out) * spare, hard, spare
+    checked = torch.stack(out) * spare
+    if not SOFT_EXTRA:
+        return checked, checked, hard, spare
+    # The charge for extra shapes with "is a shape" soft: drawing a spare shape costs reward.
+    named = torch.tensor([float(shapes.named_count(p)) for p in prompts])
+    extra = (found - named).clamp(min=0)
+    return torch.stack(out) * (named / (named + extra)) ** 2, checked, hard, spare
 
 
 def main():
