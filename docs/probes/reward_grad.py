@@ -12,7 +12,8 @@ a blob more the named shape, or move a shape to the named side, for every image 
 the components' soft "is a shape" (the sigmoid of `shapes_soft`) beyond the number named, so a gradient that
 would make a spare blob a shape pays for it.
 
-The model is pixel-space, so a sample is its last state. Each epoch draws `--prompts` train prompts x
+With the shipped pixel model a sample is its last state; `--model=DIR` loads another model (`model.path`),
+and a latent model's final state is decoded by its frozen autoencoder with gradients. Each epoch draws `--prompts` train prompts x
 `--group` noises, runs the 10-step Euler ODE of the rollouts without gradients up to the last `--k` steps and
 with them through those (the reward gradient reaches the denoiser at `--k` noise levels), and takes one
 optimizer step (`--opt=adam|sgd`, `--lr`, clipped at `--clip`) on minus the mean differentiable reward. The
@@ -22,7 +23,7 @@ the end (`model.path` of a config). Held-out evaluation: the package's
 
     python docs/probes/reward_grad.py [--k=10] [--lr=1e-4] [--opt=adam] [--clip=1] [--prompts=8] [--group=64]
         [--epochs=10] [--every=5] [--train=train] [--test=test] [--evmin=32] [--batch=64] [--seed=0] [--check=1]
-        [--eval0=1] [--soft_extra=1] [--save=DIR]
+        [--eval0=1] [--soft_extra=1] [--save=DIR] [--model=DIR]
 """
 import random
 import time
@@ -45,7 +46,7 @@ PROMPTS, GROUP, EPOCHS, EVERY = option("prompts", 8), option("group", 64), optio
 TRAIN, TEST, EVMIN, SEED, BATCH = option("train", "train"), option("test", "test"), option("evmin", 32), \
     option("seed", 0), option("batch", 64)
 CHECK, EVAL0, SOFT_EXTRA = option("check", 1), option("eval0", 1), option("soft_extra", 1)
-SAVE = option("save", "")
+SAVE, MODEL = option("save", ""), option("model", "")
 NUM_STEPS = 10
 PALETTE = torch.tensor(shapes._PALETTE)
 
@@ -154,9 +155,19 @@ def soft_scores(prompts: list[str], images: torch.Tensor):
     return torch.stack(out) * (named / (named + extra)) ** 2, checked, hard, spare
 
 
+def decode(model: EmbeddedFlowModel, x: torch.Tensor) -> torch.Tensor:
+    """Final states to images in [-1, 1] with gradients: the states themselves, or the frozen autoencoder's
+    decoding of a latent model's (`EmbeddedFlowModel.decode` without its no_grad; the pixel values are clamped
+    in `soft_scores`)."""
+    if model.vae is None:
+        return x
+    c = model.vae.config
+    return model.vae.decode(x / c.scaling_factor + c.shift_factor).sample.clamp(-1, 1)
+
+
 def main():
     torch.manual_seed(SEED)
-    model = EmbeddedFlowModel.from_pretrained(None).eval()
+    model = EmbeddedFlowModel.from_pretrained(MODEL or None).eval()
     model.requires_grad_(False)
     model.denoiser.requires_grad_(True)
     params = [p for p in model.denoiser.parameters() if p.requires_grad]
@@ -183,7 +194,7 @@ def main():
             for s in range(NUM_STEPS):
                 with torch.set_grad_enabled(s >= NUM_STEPS - K):
                     x = x + (sig[s + 1] - sig[s]) * model.velocity(x, sig[s], e)
-            r, same, hard, spare = soft_scores(prompts[sl], x)
+            r, same, hard, spare = soft_scores(prompts[sl], decode(model, x))
             (-r.sum() / len(w)).backward()
             rs.append(same.detach())
             hs.append(hard["reward"] * spare.numpy())
