@@ -156,13 +156,9 @@ def soft_scores(prompts: list[str], images: torch.Tensor):
 
 
 def decode(model: EmbeddedFlowModel, x: torch.Tensor) -> torch.Tensor:
-    """Final states to images in [-1, 1] with gradients: the states themselves, or the frozen autoencoder's
-    decoding of a latent model's (`EmbeddedFlowModel.decode` without its no_grad; the pixel values are clamped
-    in `soft_scores`)."""
-    if model.vae is None:
-        return x
-    c = model.vae.config
-    return model.vae.decode(x / c.scaling_factor + c.shift_factor).sample.clamp(-1, 1)
+    """`EmbeddedFlowModel.decode` with gradients (the method without its no_grad): final states to images in
+    [-1, 1], through a latent model's frozen autoencoder."""
+    return EmbeddedFlowModel.decode.__wrapped__(model, x)
 
 
 def main():
