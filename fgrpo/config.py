@@ -107,6 +107,12 @@ class TrainConfig:
     max_grad_norm: float = knob(1.0, "Gradient clipping norm (0 disables).", ge=0.0)
     grad_accum: int = knob(1, "Micro-batches accumulated per optimizer step.", ge=1)
     beta: float = knob(0.04, "KL weight to the reference policy (GenEval/OCR: 0.04, PickScore: 0.01).", ge=0.0)
+    ref_guidance: float = knob(0.0, "Guidance scale of the reference policy in the KL (train.beta > 0, objective 'grpo'): "
+                               "0 = the rollouts' own sample.guidance_scale, so the KL is zero before the first update "
+                               "(the paper). A scale > 1 with CFG-free rollouts makes the reference the base model as "
+                               "guidance would sample it: the KL then pulls the unguided policy toward the guided base "
+                               "on the policy's own states while the clipped term follows the reward. Costs two "
+                               "reference forwards per trained step instead of one.", ge=0.0)
     clip_range: float = knob(1e-4, "PPO clip range of the importance ratio; must match the log-prob reduction.", gt=0.0)
     logprob_reduce: str = knob("mean", "Reduction of per-element log-probs: 'mean' (reference code) or 'sum'.", choices=("mean", "sum"))
     adv_clip: float = knob(5.0, "Advantages are clipped to [-adv_clip, adv_clip].", gt=0.0)

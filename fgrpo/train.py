@@ -197,7 +197,7 @@ def train_on_batch(policy: Policy, traj, sl: slice, steps: list[int], adv: torch
         pg, ratio = clipped_policy_loss(step.log_prob, traj.log_probs[sl, j], adv[sl], tc.clip_range)
         loss = pg
         if tc.beta > 0:
-            v_ref = policy.reference_velocity(x, s, c, u, guidance)
+            v_ref = policy.reference_velocity(x, s, c, u, tc.ref_guidance or guidance)
             mean_ref = sde_step(x, v_ref, s, s_next, noise_level=sc.noise_level, kind=sc.kind,
                                 next_sample=x_next, reduce=tc.logprob_reduce).mean
             kl = kl_to_reference(step.mean, mean_ref, step.std).mean()
@@ -377,7 +377,8 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     sigmas = flow_sigmas(sc.num_steps, sc.shift).to(device)
     n_images = sc.group_size * sc.groups_per_epoch
     n_batches = n_images // sc.batch_size
-    uncond = unconditional(model, sc.batch_size) if sc.guidance_scale != 1.0 else None
+    guided_ref = tc.beta > 0 and tc.ref_guidance not in (0.0, 1.0)
+    uncond = unconditional(model, sc.batch_size) if sc.guidance_scale != 1.0 or guided_ref else None
     awm = tc.objective == "awm"  # advantage-weighted matching instead of the clipped surrogate
 
     history: list[dict] = []

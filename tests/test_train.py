@@ -64,6 +64,41 @@ def test_ratio_is_one_and_kl_zero_before_first_update(tmp_path, tiny_model_dir, 
     assert grads and any(g.abs().sum() > 0 for g in grads)
 
 
+def test_guided_reference_kl_is_the_gap_to_the_guided_base(tmp_path, tiny_model_dir):
+    # CFG-free rollouts with train.ref_guidance = 3: before any update the policy is the base, so the KL
+    # is exactly the gap between the base's unguided and guided step means, computed here from scratch.
+    from fgrpo.sde import sde_step
+
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, sample__guidance_scale=1.0, sample__kind='"cps"', train__beta=0.1,
+                   train__ref_guidance=3.0, train__logprob_reduce='"mean"')
+    policy, traj, cond, uncond = one_rollout(cfg)
+    s = train_on_batch(policy, traj, slice(0, 4), [0, 1], torch.tensor([1.0, -1.0, 0.5, -0.5]), cond, uncond, cfg, 1.0)
+    assert (torch.cat(s["ratio"]) - 1).abs().max() < 1e-5  # the clipped term still sees its own policy
+    model, c = policy.model, cond.index(slice(0, 4))
+    for j, kl in zip([0, 1], s["kl"]):
+        x, sig, sig_next = traj.states[:, j], traj.sigmas[j], traj.sigmas[j + 1]
+        with torch.no_grad():
+            v_c = model.velocity(x, sig.expand(4), c)
+            v_u = model.velocity(x, sig.expand(4), uncond)
+        step = lambda v: sde_step(x, v, sig, sig_next, noise_level=cfg.sample.noise_level, kind="cps",
+                                  next_sample=traj.states[:, j + 1])
+        a, b = step(v_c), step(v_u + 3.0 * (v_c - v_u))
+        expected = ((a.mean - b.mean) ** 2 / (2 * a.std ** 2)).flatten(1).mean(1).mean()
+        assert float(kl) > 1e-6
+        torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-9)
+    # The default (0: the rollouts' own guidance) keeps the paper's KL, zero before the first update.
+    cfg0 = tiny_cfg(tmp_path / "zero", tiny_model_dir, sample__guidance_scale=1.0, sample__kind='"cps"',
+                    train__beta=0.1, train__logprob_reduce='"mean"')
+    policy0, traj0, cond0, uncond0 = one_rollout(cfg0)
+    s0 = train_on_batch(policy0, traj0, slice(0, 4), [0, 1], torch.ones(4), cond0, None, cfg0, 1.0)
+    assert max(float(k) for k in s0["kl"]) < 1e-10
+    # A whole run: CFG-free rollouts with the guided reference log a KL above zero from the first epoch.
+    train(tiny_cfg(tmp_path / "run_g", tiny_model_dir, sample__guidance_scale=1.0, train__beta=0.1,
+                   train__ref_guidance=3.0, train__epochs=2))
+    rows = [json.loads(l) for l in (tmp_path / "run_g" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] > 0.0
+
+
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_block_noise_rollouts_are_on_policy_and_train(tmp_path, tiny_model_dir, backend):
     cfg = tiny_cfg(tmp_path, tiny_model_dir, sample__noise_block=8, train__beta=0.1, train__logprob_reduce='"mean"',
