@@ -85,13 +85,15 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def flow_matching_loss(model: EmbeddedFlowModel, x0: torch.Tensor, prompts: list[str],
-                       generator: torch.Generator) -> torch.Tensor:
+                       generator: torch.Generator, shift: float = 1.0) -> torch.Tensor:
     """The rectified-flow loss on clean states `x0`: MSE between the predicted velocity and noise - x0.
 
-    Sigma is logit-normal (SD3's choice, concentrating training on mid-noise levels); sigma, then the
-    noise, are drawn from `generator` on the host and moved to x0's device.
+    Sigma is logit-normal (SD3's choice, concentrating training on mid-noise levels), time-shifted by
+    `shift` as the sampler's grid is (1: unshifted); sigma, then the noise, are drawn from `generator`
+    on the host and moved to x0's device.
     """
-    sigma = torch.sigmoid(torch.randn(len(prompts), generator=generator)).to(x0.device)
+    sigma = torch.sigmoid(torch.randn(len(prompts), generator=generator))
+    sigma = (shift * sigma / (1 + (shift - 1) * sigma)).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     s = sigma.view(-1, 1, 1, 1)
     v = model.velocity((1 - s) * x0 + s * noise, sigma, model.text_forward(prompts))

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fgrpo.models.embedded import EmbeddedFlowModel
-from fgrpo.pretrain import scene_stream, ema_update
+from fgrpo.pretrain import ema_update, flow_matching_loss, scene_stream
 from fgrpo.sampling import sample_ode
 from fgrpo.tasks import shapes
 
@@ -69,13 +68,7 @@ if a.law != "none":
             x0 = model.encode_images(images)
         drop = torch.rand(len(prompts), generator=gen) < 0.1
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        s = torch.sigmoid(torch.randn(len(prompts), generator=gen))
-        if a.law == "shifted":
-            s = 3 * s / (1 + 2 * s)
-        noise = torch.randn(x0.shape, generator=gen)
-        sv = s.view(-1, 1, 1, 1)
-        v = model.velocity((1 - sv) * x0 + sv * noise, s, model.text_forward(prompts))
-        loss = F.mse_loss(v, noise - x0)
+        loss = flow_matching_loss(model, x0, prompts, gen, shift=3.0 if a.law == "shifted" else 1.0)
         for g in opt.param_groups:
             g["lr"] = a.lr * min(1.0, (step + 1) / 20)
         opt.zero_grad(set_to_none=True)
