@@ -79,9 +79,10 @@ def _other_prompt(prompt: str, by_task: dict[str, list[str]], tasks: list[str], 
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        if p.requires_grad:  # frozen parts (a latent model's autoencoder) are already equal
-            e.lerp_(p.detach(), 1 - decay)
+    # frozen parts (a latent model's autoencoder) are already equal; one foreach call, not one per tensor
+    pairs = [(e, p.detach()) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
+    if pairs:
+        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - decay)
 
 
 def flow_matching_loss(model: EmbeddedFlowModel, x0: torch.Tensor, prompts: list[str],
@@ -117,6 +118,13 @@ def report_step(desc: str, step: int, total: int, losses: list[float], t0: float
     print(f"{desc}: step {step + 1}/{total} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f}s)", flush=True)
 
 
+def resolve_device(cfg: Config) -> torch.device:
+    """`run.device`: CUDA for "auto" or "cuda" when a GPU is present, else the CPU."""
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device("cuda" if cfg.run.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
 def train_autoencoder(model: EmbeddedFlowModel, cfg: Config, progress: bool = True) -> dict:
     """Fit the model's AutoencoderKL to rendered scenes, freeze it and set its latent normalisation.
 
@@ -133,6 +141,7 @@ def train_autoencoder(model: EmbeddedFlowModel, cfg: Config, progress: bool = Tr
     bar = tqdm(range(pc.vae_steps), desc="autoencoder", disable=not progress)
     for step in bar:
         _, x = next(stream)
+        x = x.to(vae.device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         loss = F.mse_loss(rec, x) + F.l1_loss(rec, x) + 1e-4 * post.kl().mean() / x[0].numel()
@@ -149,7 +158,7 @@ def train_autoencoder(model: EmbeddedFlowModel, cfg: Config, progress: bool = Tr
     vae.requires_grad_(False).eval()
     with torch.no_grad():
         prompts, x = next(stream)
-        z = vae.encode(x).latent_dist.mode()
+        z = vae.encode(x.to(vae.device)).latent_dist.mode()
         vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std().clamp_min(1e-6)))
         rec = vae.decode(z).sample.clamp(-1, 1)
         acc = float(shapes.score_images(prompts, shapes.images_to_uint8(rec))["strict"].mean())
@@ -158,7 +167,9 @@ def train_autoencoder(model: EmbeddedFlowModel, cfg: Config, progress: bool = Tr
 
 
 def pretrain(cfg: Config, progress: bool = True) -> dict:
+    """Run `cfg.pretrain` on `run.device` (scenes are rendered and noise is drawn on the host either way)."""
     pc = cfg.pretrain
+    device = resolve_device(cfg)
     torch.manual_seed(pc.seed)
     if pc.init:  # continue from a pretrained model; its autoencoder (if any) stays as it is
         if not (Path(pc.init) / "fgrpo_model.json").is_file():
@@ -167,9 +178,10 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
         model = EmbeddedFlowModel.from_pretrained(pc.init)
         if model.vae is not None:
             model.vae.requires_grad_(False)
+        model.to(device)
         first_stage = {"init": pc.init}
     else:
-        model = EmbeddedFlowModel.from_config(cfg.model)
+        model = EmbeddedFlowModel.from_config(cfg.model).to(device)
         first_stage = train_autoencoder(model, cfg, progress) if model.vae is not None else {}
     model.text_encoder.requires_grad_(True)
     model.train()
@@ -187,7 +199,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
     bar = tqdm(range(pc.steps), desc="pretrain", disable=not progress)
     for step in bar:
         prompts, images = next(stream)
-        x0 = model.encode_images(images)
+        x0 = model.encode_images(images.to(device))
         drop = torch.rand(len(prompts), generator=gen) < pc.cfg_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         loss = flow_matching_loss(model, x0, prompts, gen)
@@ -204,7 +216,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
         report_step("pretrain", step, pc.steps, losses, t0, progress)
     bar.close()
     ema.save_pretrained(pc.out)
-    summary = {**first_stage, "steps": pc.steps, "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0,
+    summary = {**first_stage, "steps": pc.steps, "device": str(device), "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0,
                "out": str(pc.out)}
     out_dir = Path(cfg.run.output_dir)
     save(cfg, out_dir)

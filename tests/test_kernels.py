@@ -11,6 +11,7 @@ run in a subprocess instead (test_triton_cases_in_interpreter_subprocess). GPU t
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -474,3 +475,33 @@ def test_gpu_opcheck(impl):
     torch.library.opcheck(ksde._sample_op, (x, v.requires_grad_(), s, sn, eps, None, 0.7, "sde", "mean", impl))
     torch.library.opcheck(ksde._sample_op, (x, v, s, sn, None, rng, 0.7, "cps", "sum", impl))
     torch.library.opcheck(ksde._log_prob_op, (x.clone().requires_grad_(), v, s, sn, eps, 0.7, "sde", "sum", impl))
+
+
+def test_top_level_kernels_from_the_repository_root_is_never_this_folder():
+    # `python -m ...` in a checkout puts the repository root first on sys.path, where kernels/ looks like a
+    # top-level `kernels`. transformers >= 5 depends on the PyPI package of that name and imports from it;
+    # it must get that package when installed, else the one fgrpo.kernels (never a second copy of this folder).
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, fgrpo.kernels as ours\n"
+        "from diffusers import AutoencoderKL  # imports transformers, which imports `kernels` when installed\n"
+        "import kernels\n"
+        "if kernels is ours: print('ours')\n"
+        "else:\n"
+        "    assert not kernels.__file__.startswith(sys.argv[1]), kernels.__file__\n"
+        "    print('pypi')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(root / "kernels")], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == ("pypi" if _pypi_kernels_installed() else "ours")
+
+
+def _pypi_kernels_installed() -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution("kernels")
+    except metadata.PackageNotFoundError:
+        return False
+    return True

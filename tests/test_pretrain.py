@@ -146,3 +146,24 @@ def test_config_offers_exactly_the_caption_errors_the_stream_accepts():
     assert tuple(field.metadata["choices"]) == CAPTION_ERRORS
     with pytest.raises(C.ConfigError, match="caption_errors"):
         C.load(None, ['pretrain.caption_errors="swap"'])
+
+
+def test_pretrain_runs_on_run_device_and_says_so(tmp_path):
+    from fgrpo.config import UserError
+
+    summary = pretrain(tiny_pretrain_cfg(tmp_path, "model.patch_size=4", "run.device=\"cpu\""), progress=False)
+    assert summary["device"] == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="run.device='cuda'"):
+            pretrain(tiny_pretrain_cfg(tmp_path, "model.patch_size=4", "run.device=\"cuda\""), progress=False)
+
+
+def test_ema_update_moves_trained_tensors_only():
+    from fgrpo.pretrain import ema_update
+
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    w0, b0 = ema.weight.detach().clone(), ema.bias.detach().clone()
+    ema_update(ema, model, 0.75)
+    torch.testing.assert_close(ema.weight, 0.75 * w0 + 0.25 * model.weight.detach())
+    torch.testing.assert_close(ema.bias, b0)
