@@ -107,7 +107,8 @@ class TrainConfig:
     max_grad_norm: float = knob(1.0, "Gradient clipping norm (0 disables).", ge=0.0)
     grad_accum: int = knob(1, "Micro-batches accumulated per optimizer step.", ge=1)
     beta: float = knob(0.04, "KL weight to the reference policy (GenEval/OCR: 0.04, PickScore: 0.01).", ge=0.0)
-    ref_guidance: float = knob(0.0, "Guidance scale of the reference policy in the KL (train.beta > 0, objective 'grpo'): "
+    ref_guidance: float = knob(0.0, "Guidance scale of the reference policy in the KL (needs train.beta > 0 and objective 'grpo'; "
+                               "a config that sets it otherwise is refused): "
                                "0 = the rollouts' own sample.guidance_scale, so the KL is zero before the first update "
                                "(the paper). A scale > 1 with CFG-free rollouts makes the reference the base model as "
                                "guidance would sample it: the KL then pulls the unguided policy toward the guided base "
@@ -297,6 +298,12 @@ def _semantic_checks(cfg: Config, source: str) -> None:
     if (len(lo_hi) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lo_hi)
             or not 0 < lo_hi[0] <= lo_hi[1] <= 1):
         raise ConfigError(f"{source}: train.awm_sigma must be two numbers [low, high] with 0 < low <= high <= 1, got {lo_hi!r}")
+    if t.ref_guidance and t.objective != "grpo":
+        raise ConfigError(f"{source}: train.ref_guidance={t.ref_guidance} applies to objective 'grpo' only (its KL on step "
+                          f"means); with objective {t.objective!r} set it to 0")
+    if t.ref_guidance and t.beta == 0:
+        raise ConfigError(f"{source}: train.ref_guidance={t.ref_guidance} has no effect with train.beta=0; "
+                          "set train.beta > 0 for the KL to the guided reference, or ref_guidance to 0")
     total = s.group_size * s.groups_per_epoch
     if total % s.batch_size:
         raise ConfigError(

@@ -93,3 +93,11 @@ def test_resolved_config_round_trips(tmp_path):
 def test_awm_sigma_range_is_checked(bad):
     with pytest.raises(C.ConfigError, match="train.awm_sigma must be two numbers"):
         C.load(None, [f"train.awm_sigma={bad}"])
+
+
+def test_ref_guidance_without_a_kl_it_could_change_is_refused():
+    assert C.load(None, ["train.beta=1.0", "train.ref_guidance=4.5"]).train.ref_guidance == 4.5
+    with pytest.raises(C.ConfigError, match="train.ref_guidance=4.5 has no effect with train.beta=0"):
+        C.load(None, ["train.beta=0.0", "train.ref_guidance=4.5"])
+    with pytest.raises(C.ConfigError, match="applies to objective 'grpo' only"):
+        C.load(None, ["train.beta=1.0", "train.ref_guidance=4.5", 'train.objective="awm"'])
