@@ -8,7 +8,7 @@ OUT/summary.json and OUT/logs.tar.gz (every process's log and the summary as tex
 
     python docs/sweep/bases.py OUT DEADLINE_S          # on a CUDA machine, fgrpo installed
     python docs/sweep/bases.py OUT 900 --smoke         # a few steps of everything (any machine)
-    python docs/sweep/bases.py OUT 420 --clean 4 --only-clean   # four clean bases, scored; the best three packed
+    python docs/sweep/bases.py OUT 540 --clean 7 --only-clean   # seven clean bases, scored; the best three packed
 
 Size the deadline from what one H200 machine measured: each pretraining process runs at the speed of its
 one CPU thread, whatever the number beside it (4 or 7 processes: autoencoder 57-59 ms a step, flow matching
