@@ -31,9 +31,7 @@ def _setup(cfg: C.Config):
 
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    if cfg.run.device == "cuda" and not torch.cuda.is_available():
-        raise C.ConfigError("run.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device("cuda" if cfg.run.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    return C.resolve_device(cfg)
 
 
 def cmd_pretrain(args) -> None:

@@ -285,6 +285,15 @@ def _build_section(name: str, values: dict, source: str):
     return cls(**kwargs)
 
 
+def resolve_device(cfg: Config):
+    """`run.device` as a torch.device: CUDA for "auto" or "cuda" when a GPU is present, else the CPU."""
+    import torch
+
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device("cuda" if cfg.run.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
 def _semantic_checks(cfg: Config, source: str) -> None:
     s, t = cfg.sample, cfg.train
     if s.sde_window and s.sde_window > s.num_steps - 1:

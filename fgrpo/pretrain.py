@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fgrpo.config import Config, UserError, save
+from fgrpo.config import Config, UserError, resolve_device, save
 from fgrpo.models.embedded import EmbeddedFlowModel
 from fgrpo.tasks import shapes
 
@@ -116,13 +116,6 @@ def report_step(desc: str, step: int, total: int, losses: list[float], t0: float
     if progress or ((step + 1) % max(1, total // 10) and step + 1 != total):
         return
     print(f"{desc}: step {step + 1}/{total} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f}s)", flush=True)
-
-
-def resolve_device(cfg: Config) -> torch.device:
-    """`run.device`: CUDA for "auto" or "cuda" when a GPU is present, else the CPU."""
-    if cfg.run.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("run.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device("cuda" if cfg.run.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
 def train_autoencoder(model: EmbeddedFlowModel, cfg: Config, progress: bool = True) -> dict:

@@ -356,7 +356,7 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     resolve_prompts(cfg.eval.prompts, shapes_only=True)
     out.mkdir(parents=True, exist_ok=True)
     C.save(cfg, out)
-    device = torch.device("cuda" if rc.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = C.resolve_device(cfg)
 
     # ---- model, reference, optimizer
     torch.manual_seed(sc.seed)
