@@ -43,6 +43,9 @@ def cmd_pretrain(args) -> None:
     if "vae_steps" in summary:
         print(f"autoencoder: {summary['vae_steps']} steps in {summary['vae_seconds']:.0f}s, loss {summary['vae_loss']:.4f}, "
               f"strict accuracy of its reconstructions {summary['vae_reconstruction_strict']:.3f}")
+    if "prompt_strength" in summary:
+        print(f"distilled {summary['init']} to prompt strength {summary['prompt_strength']:g}: guidance g on the "
+              f"result samples as guidance {summary['prompt_strength']:g}*g on it")
     print(f"pretrained {summary['steps']} steps in {summary['seconds']:.0f}s, final loss {summary['final_loss']:.4f}; "
           f"weights in {summary['out']}")
 

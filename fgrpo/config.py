@@ -204,6 +204,13 @@ class PretrainConfig:
                                "of any task type, single objects and colours included: alt-text that does not "
                                "describe its image; a base that follows its prompt weakly without guidance).",
                                choices=("all", "omit", "unrelated"))
+    prompt_strength: float = knob(1.0, "Below 1 (needs init): instead of flow matching on the scenes' captions, "
+                                  "distil the init model into one that follows its prompt this much without "
+                                  "guidance: its conditional velocity is trained toward v_u + s (v_c - v_u) of the "
+                                  "frozen init model (an empty prompt, toward v_u), on the scenes noised as in "
+                                  "pretraining. Guidance g on the result samples as guidance s*g on the init "
+                                  "model: a base strong at composition with guidance and weak without. 1: off.",
+                                  gt=0.0, le=1.0)
     init: str = knob("", "Start from the model in this directory instead of a fresh one (model.* shape "
                      "settings and the autoencoder stage are then skipped). Empty: a fresh model.")
     out: str = knob("fgrpo/weights/embedded", "Where the trained weights are written.")
@@ -310,6 +317,13 @@ def _semantic_checks(cfg: Config, source: str) -> None:
     if t.ref_guidance and t.objective != "grpo":
         raise ConfigError(f"{source}: train.ref_guidance={t.ref_guidance} applies to objective 'grpo' only (its KL on step "
                           f"means); with objective {t.objective!r} set it to 0")
+    pc = cfg.pretrain
+    if pc.prompt_strength < 1 and not pc.init:
+        raise ConfigError(f"{source}: pretrain.prompt_strength={pc.prompt_strength} distils an existing model; "
+                          "set pretrain.init to its directory, or prompt_strength to 1")
+    if pc.prompt_strength < 1 and pc.caption_noise > 0:
+        raise ConfigError(f"{source}: pretrain.caption_noise has no effect with prompt_strength < 1 (the targets come "
+                          "from the init model, not the captions); set one of them to its default")
     if t.ref_guidance and t.beta == 0:
         raise ConfigError(f"{source}: train.ref_guidance={t.ref_guidance} has no effect with train.beta=0; "
                           "set train.beta > 0 for the KL to the guided reference, or ref_guidance to 0")

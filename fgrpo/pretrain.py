@@ -7,7 +7,9 @@ sampled uniformly so the small single-object set is not drowned out. A latent mo
 (`model.latent_channels > 0`) first trains its autoencoder on the same scenes, then
 freezes it and runs flow matching on its normalised latents. `pretrain.init` continues from
 an existing model instead; `pretrain.caption_noise` draws a share of the compositional
-scenes wrong for their captions, for a base as weak at composition as web-trained models.
+scenes wrong for their captions, for a base as weak at composition as web-trained models, and
+`pretrain.prompt_strength` < 1 distils the init model into one that follows its prompt that much
+without guidance (and as the init model does with guidance).
 """
 
 from __future__ import annotations
@@ -93,12 +95,36 @@ def flow_matching_loss(model: EmbeddedFlowModel, x0: torch.Tensor, prompts: list
     `shift` as the sampler's grid is (1: unshifted); sigma, then the noise, are drawn from `generator`
     on the host and moved to x0's device.
     """
-    sigma = torch.sigmoid(torch.randn(len(prompts), generator=generator))
+    sigma, noise, xt = _noised(x0, generator, shift)
+    v = model.velocity(xt, sigma, model.text_forward(prompts))
+    return F.mse_loss(v, noise - x0)
+
+
+def _noised(x0: torch.Tensor, generator: torch.Generator, shift: float):
+    """(sigma, noise, x_sigma) for clean states x0, drawn as `flow_matching_loss` documents."""
+    sigma = torch.sigmoid(torch.randn(len(x0), generator=generator))
     sigma = (shift * sigma / (1 + (shift - 1) * sigma)).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     s = sigma.view(-1, 1, 1, 1)
-    v = model.velocity((1 - s) * x0 + s * noise, sigma, model.text_forward(prompts))
-    return F.mse_loss(v, noise - x0)
+    return sigma, noise, (1 - s) * x0 + s * noise
+
+
+def weakened_prompt_loss(model: EmbeddedFlowModel, teacher: EmbeddedFlowModel, x0: torch.Tensor, prompts: list[str],
+                         generator: torch.Generator, strength: float, shift: float = 1.0) -> torch.Tensor:
+    """MSE between the model's velocity and the frozen `teacher`'s guided velocity at scale `strength`.
+
+    On the states of `flow_matching_loss` (same sigma law and noise), the target is
+    v_u + strength * (v_c - v_u) of the teacher: with strength < 1 the model learns to follow its
+    prompt as weakly as the teacher does at guidance `strength`, and its own guidance g then samples
+    as the teacher's guidance strength * g. Empty prompts get v_u, as strength cannot change it.
+    """
+    sigma, _, xt = _noised(x0, generator, shift)
+    with torch.no_grad():
+        n = len(prompts)
+        v = teacher.velocity(torch.cat([xt, xt]), torch.cat([sigma, sigma]), teacher.text_forward(list(prompts) + [""] * n))
+        v_cond, v_uncond = v[:n], v[n:]
+        target = v_uncond + strength * (v_cond - v_uncond)
+    return F.mse_loss(model.velocity(xt, sigma, model.text_forward(prompts)), target)
 
 
 def lr_schedule(peak: float, warmup: int, steps: int):
@@ -176,6 +202,10 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
     else:
         model = EmbeddedFlowModel.from_config(cfg.model).to(device)
         first_stage = train_autoencoder(model, cfg, progress) if model.vae is not None else {}
+    teacher = None
+    if pc.prompt_strength < 1:  # distil the init model at a weaker prompt strength (config checks that init is set)
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        first_stage["prompt_strength"] = pc.prompt_strength
     model.text_encoder.requires_grad_(True)
     model.train()
     ema = copy.deepcopy(model).eval()
@@ -195,7 +225,10 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
         x0 = model.encode_images(images.to(device))
         drop = torch.rand(len(prompts), generator=gen) < pc.cfg_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        loss = flow_matching_loss(model, x0, prompts, gen)
+        if teacher is None:
+            loss = flow_matching_loss(model, x0, prompts, gen)
+        else:
+            loss = weakened_prompt_loss(model, teacher, x0, prompts, gen, pc.prompt_strength)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)

@@ -16,7 +16,8 @@ def write(tmp_path, text):
     return p
 
 
-@pytest.mark.parametrize("name", ["geneval.toml", "pretrain.toml", "pretrain_latent.toml", "pretrain_miscaptioned.toml"])
+@pytest.mark.parametrize("name", ["geneval.toml", "pretrain.toml", "pretrain_latent.toml", "pretrain_miscaptioned.toml",
+                                  "pretrain_weak_prompt.toml"])
 def test_shipped_configs_load_and_comment_every_knob(name):
     path = ROOT / "configs" / name
     cfg = C.load(path)

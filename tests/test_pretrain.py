@@ -167,3 +167,78 @@ def test_ema_update_moves_trained_tensors_only():
     ema_update(ema, model, 0.75)
     torch.testing.assert_close(ema.weight, 0.75 * w0 + 0.25 * model.weight.detach())
     torch.testing.assert_close(ema.bias, b0)
+
+
+def test_weakened_prompt_loss_targets_the_teachers_velocity_guided_at_the_strength(tmp_path):
+    from fgrpo.pretrain import _noised, weakened_prompt_loss
+
+    pretrain(tiny_pretrain_cfg(tmp_path, "model.patch_size=4"), progress=False)
+    teacher = EmbeddedFlowModel.from_pretrained(tmp_path / "model").eval()
+    student = EmbeddedFlowModel.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():  # a student that differs from its teacher
+        for p in student.denoiser.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    prompts = ["a red circle", "two squares", ""]
+    x0 = torch.randn(3, *teacher.state_shape)
+    loss = weakened_prompt_loss(student, teacher, x0, prompts, torch.Generator().manual_seed(3), 0.3)
+    sigma, _, xt = _noised(x0, torch.Generator().manual_seed(3), 1.0)
+    with torch.no_grad():
+        v_c = teacher.velocity(xt, sigma, teacher.text_forward(prompts))
+        v_u = teacher.velocity(xt, sigma, teacher.text_forward([""] * 3))
+        v_s = student.velocity(xt, sigma, student.text_forward(prompts))
+    target = v_u + 0.3 * (v_c - v_u)
+    assert torch.allclose(loss, ((v_s - target) ** 2).mean(), rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(v_c, target, atol=1e-4)  # the prompt matters, so the strength does
+    # A student equal to its teacher at strength 1 is already at its target.
+    same = weakened_prompt_loss(teacher, teacher, x0, prompts, torch.Generator().manual_seed(3), 1.0)
+    assert same.item() < 1e-10
+
+
+def test_prompt_strength_distils_a_model_that_follows_its_prompt_that_much_without_guidance(tmp_path):
+    first = tmp_path / "first"
+    pretrain(tiny_pretrain_cfg(first, "model.patch_size=4", "pretrain.steps=30"), progress=False)
+    summary = pretrain(tiny_pretrain_cfg(tmp_path, f'pretrain.init="{first / "model"}"', "pretrain.prompt_strength=0.25",
+                                         "pretrain.steps=40", "pretrain.lr=3e-4", "pretrain.warmup=10",
+                                         "pretrain.ema_decay=0.5"),
+                       progress=False)
+    assert summary["prompt_strength"] == 0.25
+    teacher = EmbeddedFlowModel.from_pretrained(first / "model").eval()
+    student = EmbeddedFlowModel.from_pretrained(tmp_path / "model").eval()
+    prompts = shapes.load_prompts("train")[:16]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, *teacher.state_shape, generator=g)
+    sigma = torch.full((16,), 0.7)
+    with torch.no_grad():
+        v_c = teacher.velocity(x, sigma, teacher.encode_prompts(prompts))
+        v_u = teacher.velocity(x, sigma, teacher.encode_prompts([""] * 16))
+        v_student = student.velocity(x, sigma, student.encode_prompts(prompts))
+    target = v_u + 0.25 * (v_c - v_u)
+    # Before distillation the student was the teacher: its error was that of v_c; now it is far smaller.
+    assert ((v_student - target) ** 2).mean() < 0.25 * ((v_c - target) ** 2).mean()
+
+
+@pytest.mark.parametrize("extra, words", [
+    ((), ["pretrain.prompt_strength", "pretrain.init"]),
+    (('pretrain.init="somewhere"', "pretrain.caption_noise=0.3"), ["caption_noise", "prompt_strength"]),
+])
+def test_prompt_strength_settings_that_cannot_act_are_refused(extra, words):
+    with pytest.raises(C.ConfigError) as e:
+        C.load(None, ["pretrain.prompt_strength=0.5", *extra])
+    assert all(w in str(e.value) for w in words) and "\n" not in str(e.value)
+
+
+def test_the_weak_prompt_config_distils_its_init_model_and_says_so(tmp_path, capsys):
+    from pathlib import Path
+
+    from fgrpo.cli import main
+
+    pretrain(tiny_pretrain_cfg(tmp_path / "first", "model.patch_size=4"), progress=False)
+    config = Path(__file__).resolve().parent.parent / "configs" / "pretrain_weak_prompt.toml"
+    sets = [f'pretrain.init="{tmp_path / "first" / "model"}"', "pretrain.steps=2", "pretrain.batch_size=4",
+            "pretrain.warmup=1", f'pretrain.out="{tmp_path / "model"}"', f'run.output_dir="{tmp_path / "run"}"',
+            "run.progress=false"]
+    capsys.readouterr()
+    assert main(["pretrain", str(config), *[a for s in sets for a in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    assert "prompt strength 0.4" in out and "pretrained 2 steps" in out
+    assert json.loads((tmp_path / "run" / "pretrain.json").read_text())["prompt_strength"] == 0.4
