@@ -38,7 +38,8 @@ def knob(default, doc: str, *, choices=None, ge=None, gt=None, le=None, lt=None)
 @dataclass
 class ModelConfig:
     kind: str = knob("embedded", "Which model family to load.", choices=("embedded",))
-    path: str = knob("", "Directory with the model weights; empty loads the weights shipped with fgrpo.")
+    path: str = knob("", "Directory with the model weights; empty loads the default model shipped with fgrpo, "
+                     "'shipped:NAME' another shipped one (fgrpo/weights/NAME, e.g. 'shipped:latent_weak_prompt').")
     dtype: str = knob("float32", "Dtype of the denoiser's weights and activations (the SDE math is always fp32).",
                       choices=("float32", "bfloat16", "float16"))
     # Architecture of a freshly built embedded model (used by `fgrpo pretrain` only).

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fgrpo.config import Config, UserError, resolve_device, save
-from fgrpo.models.embedded import EmbeddedFlowModel
+from fgrpo.models.embedded import EmbeddedFlowModel, weights_dir
 from fgrpo.tasks import shapes
 
 
@@ -191,7 +191,11 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
     device = resolve_device(cfg)
     torch.manual_seed(pc.seed)
     if pc.init:  # continue from a pretrained model; its autoencoder (if any) stays as it is
-        if not (Path(pc.init) / "fgrpo_model.json").is_file():
+        try:
+            init_dir = weights_dir(pc.init)
+        except FileNotFoundError as e:
+            raise UserError(f"pretrain.init: {e}") from None
+        if not (init_dir / "fgrpo_model.json").is_file():
             raise UserError(f"pretrain.init: no model at {pc.init} (fgrpo_model.json missing); pretrain one first "
                             "(e.g. `fgrpo pretrain configs/pretrain_latent.toml`) or fix the path")
         model = EmbeddedFlowModel.from_pretrained(pc.init)

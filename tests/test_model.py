@@ -1,5 +1,8 @@
 """The embedded model: save/load round trip, prompt encoding, seeded sampling."""
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from fgrpo.models.embedded import EmbeddedFlowModel
@@ -96,3 +99,40 @@ def test_latent_model_rejects_sizes_the_autoencoder_cannot_halve():
         EmbeddedFlowModel.build(image_size=18, patch_size=1, latent_channels=4)
     with pytest.raises(ValueError, match="patch_size"):
         EmbeddedFlowModel.build(image_size=16, patch_size=3, latent_channels=4)
+
+
+def test_model_path_names_a_local_directory_or_a_shipped_model(tmp_path):
+    from fgrpo.models.embedded import DEFAULT_WEIGHTS, SHIPPED_WEIGHTS, weights_dir
+
+    assert weights_dir("") == weights_dir(None) == DEFAULT_WEIGHTS
+    assert weights_dir("shipped:embedded") == DEFAULT_WEIGHTS
+    assert weights_dir(str(tmp_path)) == tmp_path
+    with pytest.raises(FileNotFoundError) as e:
+        weights_dir("shipped:nothing_like_it")
+    msg = str(e.value)
+    assert "nothing_like_it" in msg and "shipped:embedded" in msg and "\n" not in msg
+    # Every shipped name the error offers loads.
+    for d in SHIPPED_WEIGHTS.iterdir():
+        if (d / "fgrpo_model.json").is_file():
+            assert f"shipped:{d.name}" in msg
+
+
+def test_a_bad_shipped_model_name_is_a_one_line_cli_error(tmp_path, capsys):
+    from fgrpo.cli import main
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "geneval.toml"
+    rc = main(["eval", str(config), "--set", "model.path=shipped:nothing_like_it",
+               "--set", f'run.output_dir="{tmp_path}"'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "shipped:nothing_like_it" in err[0]
+
+
+def test_the_shipped_weak_prompt_latent_model_loads_by_name_and_fits_the_budget():
+    from fgrpo.models.embedded import weights_dir
+
+    d = weights_dir("shipped:latent_weak_prompt")
+    assert sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) <= 20 * 2**20
+    m = EmbeddedFlowModel.from_pretrained("shipped:latent_weak_prompt").eval()
+    assert m.vae is not None and m.state_shape == (4, 8, 8)
+    x = sample_ode(m, ["a red circle"], num_steps=2, guidance_scale=4.5, seed=0)
+    assert x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()

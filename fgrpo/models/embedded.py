@@ -32,7 +32,25 @@ from fgrpo.tasks import shapes
 diffusers_logging.disable_progress_bar()
 transformers_logging.disable_progress_bar()
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "embedded"
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_WEIGHTS = SHIPPED_WEIGHTS / "embedded"
+SHIPPED_PREFIX = "shipped:"
+
+
+def weights_dir(path: str | os.PathLike | None) -> Path:
+    """The directory a `model.path` names: empty = the default shipped model, "shipped:NAME" = the
+    model shipped in fgrpo/weights/NAME (wherever fgrpo is installed), anything else a local directory."""
+    if not path:
+        return DEFAULT_WEIGHTS
+    text = str(path)
+    if text.startswith(SHIPPED_PREFIX):
+        name = text[len(SHIPPED_PREFIX):]
+        names = sorted(d.name for d in SHIPPED_WEIGHTS.iterdir() if (d / "fgrpo_model.json").is_file())
+        if name not in names:
+            raise FileNotFoundError(f"no shipped model {name!r} in {path!r}; shipped models: "
+                                    + ", ".join(SHIPPED_PREFIX + n for n in names))
+        return SHIPPED_WEIGHTS / name
+    return Path(path)
 MAX_TOKENS = 12
 PAD, EOS, UNK = "[PAD]", "[EOS]", "[UNK]"
 VAE_CHANNELS = (16, 32, 64)  # AutoencoderKL block widths: three blocks downsample 4x
@@ -119,7 +137,7 @@ class EmbeddedFlowModel(FlowModel):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None) -> "EmbeddedFlowModel":
-        p = Path(path) if path else DEFAULT_WEIGHTS
+        p = weights_dir(path)
         if not (p / "fgrpo_model.json").is_file():
             hint = "run `fgrpo pretrain configs/pretrain.toml` to create it" if path is None else "check model.path"
             raise FileNotFoundError(f"no embedded model weights at {p} (fgrpo_model.json missing); {hint}")
