@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from fgrpo import config as C
 from fgrpo.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,3 +145,22 @@ def test_accuracy_plot_names_the_prompt_set(tmp_path, monkeypatch):
     assert seen["series"]["overall"] == [(0.0, 0.25), (10.0, 0.5)]
     plot.accuracy_plot([{k: v for k, v in e.items() if k != "prompts"} for e in evals], tmp_path / "b.png")
     assert seen["ylabel"] == "held-out strict accuracy"  # runs from before evaluations recorded their prompts
+
+
+def test_the_shipped_config_trains_its_shipped_base_end_to_end(tmp_path, capsys):
+    """The default path users run, cut to one tiny epoch: the shipped latent base, the guided KL, the CLI."""
+    out = tmp_path / "run"
+    sets = ["sample.group_size=4", "sample.groups_per_epoch=2", "sample.batch_size=4", "sample.num_steps=4",
+            "sample.window_range=[0, 1]", "train.epochs=1", "eval.num_steps=2", "eval.images_per_prompt=1",
+            "eval.min_images_per_task=0", 'eval.prompts="test:colors"', f'run.output_dir="{out}"',
+            "run.progress=false", "run.time_limit_minutes=0", "reward.workers=1"]
+    assert main(["train", str(ROOT / "configs" / "geneval.toml"), *[a for s in sets for a in ("--set", s)]]) == 0
+    resolved = C.load(out / "config.toml")
+    assert resolved.model.path == "shipped:latent_weak_prompt"
+    assert resolved.train.beta > 0 and resolved.train.ref_guidance > 1 and resolved.sample.guidance_scale == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["before"]["strict_accuracy"] is not None and metrics["after"]["strict_accuracy"] is not None
+    epoch = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    # The reference is the base under guidance, the policy samples without: the KL is not zero from the start.
+    assert epoch["kl"] > 0 and epoch["opt_steps"] == 1
+    assert (out / "model" / "vae").is_dir()
