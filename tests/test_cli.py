@@ -150,7 +150,7 @@ def test_accuracy_plot_names_the_prompt_set(tmp_path, monkeypatch):
 def test_the_shipped_config_trains_its_shipped_base_end_to_end(tmp_path, capsys):
     """The default path users run, cut to one tiny epoch: the shipped latent base, the guided KL, the CLI."""
     out = tmp_path / "run"
-    sets = ["sample.group_size=4", "sample.groups_per_epoch=2", "sample.batch_size=4", "sample.num_steps=4",
+    sets = ["sample.group_size=4", "sample.groups_per_epoch=2", "sample.batch_size=2", "sample.num_steps=4",
             "sample.window_range=[0, 1]", "train.epochs=1", "eval.num_steps=2", "eval.images_per_prompt=1",
             "eval.min_images_per_task=0", 'eval.prompts="test:colors"', f'run.output_dir="{out}"',
             "run.progress=false", "run.time_limit_minutes=0", "reward.workers=1"]
