@@ -198,7 +198,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
         if not (init_dir / "fgrpo_model.json").is_file():
             raise UserError(f"pretrain.init: no model at {pc.init} (fgrpo_model.json missing); pretrain one first "
                             "(e.g. `fgrpo pretrain configs/pretrain_latent.toml`) or fix the path")
-        model = EmbeddedFlowModel.from_pretrained(pc.init)
+        model = EmbeddedFlowModel.from_pretrained(init_dir)
         if model.vae is not None:
             model.vae.requires_grad_(False)
         model.to(device)

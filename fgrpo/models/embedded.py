@@ -36,6 +36,11 @@ SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_WEIGHTS = SHIPPED_WEIGHTS / "embedded"
 SHIPPED_PREFIX = "shipped:"
 
+MAX_TOKENS = 12
+PAD, EOS, UNK = "[PAD]", "[EOS]", "[UNK]"
+VAE_CHANNELS = (16, 32, 64)  # AutoencoderKL block widths: three blocks downsample 4x
+VAE_FACTOR = 2 ** (len(VAE_CHANNELS) - 1)
+
 
 def weights_dir(path: str | os.PathLike | None) -> Path:
     """The directory a `model.path` names: empty = the default shipped model, "shipped:NAME" = the
@@ -51,10 +56,6 @@ def weights_dir(path: str | os.PathLike | None) -> Path:
                                     + ", ".join(SHIPPED_PREFIX + n for n in names))
         return SHIPPED_WEIGHTS / name
     return Path(path)
-MAX_TOKENS = 12
-PAD, EOS, UNK = "[PAD]", "[EOS]", "[UNK]"
-VAE_CHANNELS = (16, 32, 64)  # AutoencoderKL block widths: three blocks downsample 4x
-VAE_FACTOR = 2 ** (len(VAE_CHANNELS) - 1)
 
 
 def task_vocabulary() -> list[str]:
