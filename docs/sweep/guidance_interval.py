@@ -5,7 +5,8 @@ velocity alone (guidance 1). Measures which steps of the sampler a model's guida
     python docs/sweep/guidance_interval.py 0.6 1.0 configs/geneval.toml --set eval.guidance_scale=4.5 --out runs/gi_hi
     python docs/sweep/guidance_interval.py 0.0 0.6 configs/geneval.toml --set eval.guidance_scale=4.5 --out runs/gi_lo
 
-Everything after HI is passed to `fgrpo eval`.
+Everything after HI is passed to `fgrpo eval`. It reads each step's sigma on the host, which CUDA graph capture
+does not allow: on a GPU add `--set sample.cuda_graph=false`.
 """
 import sys
 
