@@ -46,8 +46,8 @@ def main(argv: list[str]) -> int:
             torch.save({n: p.detach().clone() for n, p in self.params.items()}, snap / f"step_{count['n']:04d}.pt")
 
         T.Policy.update_ema = update_and_keep
-        return cli.main(["train", argv[2], "--set", f"run.output_dir={out}", "--set", "train.ema_every=1",
-                         *argv[3:]])
+        # Last, so a snapshot follows every optimizer step whatever the overrides say.
+        return cli.main(["train", argv[2], "--set", f"run.output_dir={out}", *argv[3:], "--set", "train.ema_every=1"])
     files = snapshots(out)
     cfg = C.load(out / "config.toml", [])
     model = load_model(cfg.model, torch.device("cpu"))

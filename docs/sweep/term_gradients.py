@@ -1,7 +1,7 @@
 """Gradient norms of the two terms of the GRPO loss, the clipped policy term and beta x KL, measured
 separately on each trained step of one short epoch of `configs/geneval.toml` (two prompts x 32 images,
 the shipped base, before any update: every ratio is 1). Tells which term the optimizer's step follows
-(docs/geneval_investigation.md, "Weight averaging, an unclipped policy term and the terms' gradients").
+(docs/geneval_investigation.md, "Weight averaging, the policy term's share, and runs past 25 epochs").
 
     python docs/sweep/term_gradients.py [BETA] [section.key=value ...]
 
