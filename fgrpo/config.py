@@ -105,6 +105,11 @@ class TrainConfig:
     inner_epochs: int = knob(1, "Passes over each epoch's rollouts.", ge=1)
     lr: float = knob(3e-4, "AdamW learning rate (paper: 3e-4 with LoRA).", gt=0.0)
     weight_decay: float = knob(1e-4, "AdamW weight decay.", ge=0.0)
+    lr_schedule: str = knob("constant", "Learning-rate schedule over the run's train.epochs: 'constant', or 'cosine' from "
+                            "train.lr down to train.lr * train.lr_final at the last planned epoch (follows the optimizer "
+                            "step count, so a resumed run continues it; a run stopped early by run.time_limit_minutes "
+                            "ends before the bottom).", choices=("constant", "cosine"))
+    lr_final: float = knob(0.0, "'cosine': the final learning rate as a fraction of train.lr.", ge=0.0, le=1.0)
     max_grad_norm: float = knob(1.0, "Gradient clipping norm (0 disables).", ge=0.0)
     grad_accum: int = knob(1, "Micro-batches accumulated per optimizer step.", ge=1)
     beta: float = knob(0.04, "KL weight to the reference policy (GenEval/OCR: 0.04, PickScore: 0.01).", ge=0.0)
@@ -115,6 +120,11 @@ class TrainConfig:
                                "guidance would sample it: the KL then pulls the unguided policy toward the guided base "
                                "on the policy's own states while the clipped term follows the reward. Costs two "
                                "reference forwards per trained step instead of one.", ge=0.0)
+    kl_weighting: str = knob("step", "How the KL to the reference weighs the trained steps: 'step' = the exact Gaussian KL "
+                             "of each step's transition (late, low-noise steps weigh up to 100x more: their std is small); "
+                             "'velocity' = the mean squared difference of the two velocities, every step weighed alike "
+                             "(a beta about 50x smaller gives the same average size on the shipped grid).",
+                             choices=("step", "velocity"))
     clip_range: float = knob(1e-4, "PPO clip range of the importance ratio; must match the log-prob reduction.", gt=0.0)
     logprob_reduce: str = knob("mean", "Reduction of per-element log-probs: 'mean' (reference code) or 'sum'.", choices=("mean", "sum"))
     adv_clip: float = knob(5.0, "Advantages are clipped to [-adv_clip, adv_clip].", gt=0.0)
@@ -123,6 +133,11 @@ class TrainConfig:
                                     "the updates keep their size and statistics but carry no reward information. "
                                     "Compare with the real run to tell the reward's signal from the update noise.")
     timestep_fraction: float = knob(0.99, "Fraction of steps trained; the last, near-deterministic step is dropped.", gt=0.0, le=1.0)
+    trainable: list = knob([], "Which denoiser weights are trained: [] = all of them (or every LoRA adapter), else only "
+                          "those whose parameter name contains one of these strings, the rest kept at the base's values "
+                          "(a name no parameter contains is refused). On the SD3 architecture the text path is "
+                          "[\"context\", \"add_\", \"text_embedder\", \"norm1.linear\"]: the text embedders, the text "
+                          "stream's attention and feed-forward, and the conditioning's modulation of both streams.")
     lora_rank: int = knob(0, "LoRA rank (0 = full fine-tuning with a frozen reference copy). Paper: 32.", ge=0)
     lora_alpha: float = knob(64.0, "LoRA alpha (paper: 64).", gt=0.0)
     ema_decay: float = knob(0.9, "EMA decay of trained weights, used for evaluation and checkpoints (0 disables).", ge=0.0, lt=1.0)
@@ -315,6 +330,9 @@ def _semantic_checks(cfg: Config, source: str) -> None:
     if (len(lo_hi) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lo_hi)
             or not 0 < lo_hi[0] <= lo_hi[1] <= 1):
         raise ConfigError(f"{source}: train.awm_sigma must be two numbers [low, high] with 0 < low <= high <= 1, got {lo_hi!r}")
+    if not all(isinstance(v, str) and v for v in t.trainable):
+        raise ConfigError(f"{source}: train.trainable must be a list of non-empty strings (parts of parameter names), "
+                          f"got {t.trainable!r}")
     if t.ref_guidance and t.objective != "grpo":
         raise ConfigError(f"{source}: train.ref_guidance={t.ref_guidance} applies to objective 'grpo' only (its KL on step "
                           f"means); with objective {t.objective!r} set it to 0")

@@ -65,6 +65,16 @@ class Policy:
         else:
             self.ref = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
         self.params = {n: p for n, p in model.denoiser.named_parameters() if p.requires_grad or not self.lora}
+        if tc.trainable:  # only the named weights train; the others stay the base's
+            unmatched = [s for s in tc.trainable if not any(s in n for n in self.params)]
+            if unmatched:
+                some = ", ".join(list(self.params)[:: max(1, len(self.params) // 4)][:4])
+                raise C.ConfigError(f"train.trainable: no {'LoRA ' if self.lora else ''}parameter of the denoiser has "
+                                    f"{unmatched[0]!r} in its name; use parts of its {len(self.params)} trainable "
+                                    f"names, such as {some}")
+            for p in self.params.values():
+                p.requires_grad_(False)
+            self.params = {n: p for n, p in self.params.items() if any(s in n for s in tc.trainable)}
         for p in self.params.values():
             p.requires_grad_(True)
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if tc.ema_decay > 0 else None
@@ -198,9 +208,12 @@ def train_on_batch(policy: Policy, traj, sl: slice, steps: list[int], adv: torch
         loss = pg
         if tc.beta > 0:
             v_ref = policy.reference_velocity(x, s, c, u, tc.ref_guidance or guidance)
-            mean_ref = sde_step(x, v_ref, s, s_next, noise_level=sc.noise_level, kind=sc.kind,
-                                next_sample=x_next, reduce=tc.logprob_reduce).mean
-            kl = kl_to_reference(step.mean, mean_ref, step.std).mean()
+            if tc.kl_weighting == "velocity":  # every step alike, not by 1 / its std^2
+                kl = (v.float() - v_ref.float()).pow(2).flatten(1).mean(1).mean()
+            else:
+                mean_ref = sde_step(x, v_ref, s, s_next, noise_level=sc.noise_level, kind=sc.kind,
+                                    next_sample=x_next, reduce=tc.logprob_reduce).mean
+                kl = kl_to_reference(step.mean, mean_ref, step.std).mean()
             loss = loss + tc.beta * kl
             stats["kl"].append(kl.detach())
         (loss * scale).backward()
@@ -209,6 +222,14 @@ def train_on_batch(policy: Policy, traj, sl: slice, steps: list[int], adv: torch
         stats["clipped"].append(((r - 1).abs() > tc.clip_range).float())
         stats["loss"].append(loss.detach())
     return stats
+
+
+def lr_at(tc: C.TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `total_steps` under `train.lr_schedule`."""
+    if tc.lr_schedule == "constant" or total_steps <= 1:
+        return tc.lr
+    frac = min(1.0, step / (total_steps - 1))
+    return tc.lr * (tc.lr_final + (1 - tc.lr_final) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def awm_noise(cfg: C.Config, epoch: int, sl: slice, draw: int, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,6 +398,7 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
     sigmas = flow_sigmas(sc.num_steps, sc.shift).to(device)
     n_images = sc.group_size * sc.groups_per_epoch
     n_batches = n_images // sc.batch_size
+    total_steps = tc.epochs * tc.inner_epochs * (n_batches // tc.grad_accum)  # optimizer steps the run plans
     guided_ref = tc.beta > 0 and tc.ref_guidance not in (0.0, 1.0)
     uncond = unconditional(model, sc.batch_size) if sc.guidance_scale != 1.0 or guided_ref else None
     awm = tc.objective == "awm"  # advantage-weighted matching instead of the clipped surrogate
@@ -500,6 +522,8 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
                     with nvtx_range("optimizer step"):
                         if tc.max_grad_norm > 0:
                             torch.nn.utils.clip_grad_norm_(list(policy.params.values()), tc.max_grad_norm)
+                        for group in opt.param_groups:
+                            group["lr"] = lr_at(tc, opt_steps, total_steps)
                         opt.step()
                         opt.zero_grad(set_to_none=True)
                     opt_steps += 1
@@ -514,7 +538,7 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
         # metrics
         ratio = torch.cat(stats["ratio"]) if stats["ratio"] else None  # none under train.objective = "awm"
         row = {
-            "epoch": epoch + 1, "opt_steps": opt_steps, "wall": round(wall, 2),
+            "epoch": epoch + 1, "opt_steps": opt_steps, "wall": round(wall, 2), "lr": opt.param_groups[0]["lr"],
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(correction=0)),
             "strict_accuracy": float(np.mean(rew["strict"])) if "strict" in rew else None,
             "kl": float(torch.stack(stats["kl"]).mean()) if stats["kl"] else 0.0,

@@ -401,3 +401,74 @@ def test_a_time_limited_run_stops_early_evaluates_and_resumes(tmp_path, tiny_mod
     assert summary["epochs"] == 4 and "stopped_early" not in summary
     assert [e["epoch"] for e in summary["evals"]] == [0, 1, 4]
     assert [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_cosine_lr_schedule_decays_to_its_floor_and_resumes_where_it_stopped(tmp_path, tiny_model_dir):
+    from fgrpo.train import lr_at
+
+    tc = C.load(None, ["train.lr=1e-3", "train.lr_schedule=\"cosine\"", "train.lr_final=0.1"]).train
+    assert lr_at(tc, 0, 9) == pytest.approx(1e-3)
+    assert lr_at(tc, 4, 9) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way: half of the way down
+    assert lr_at(tc, 8, 9) == pytest.approx(1e-4)
+    assert lr_at(C.load(None, []).train, 8, 9) == C.load(None, []).train.lr  # "constant" ignores the step
+    # A whole run (2 optimizer steps an epoch, 8 in all) logs each epoch's last learning rate, ending at the floor,
+    # and a run stopped by the time limit then resumed walks the same schedule with the same metrics.
+    extra = dict(reward__name='"brightness"', train__epochs=4, train__lr_schedule='"cosine"', train__lr_final=0.1)
+    train(tiny_cfg(tmp_path / "a", tiny_model_dir, **extra))
+    full = [json.loads(l) for l in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in full]
+    assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == 4
+    assert lrs[-1] == pytest.approx(3e-3 * 0.1)
+    train(tiny_cfg(tmp_path / "b", tiny_model_dir, run__time_limit_minutes=1e-4, **extra))
+    out = tmp_path / "b" / "run"
+    train(C.load(out / "config.toml", ["run.time_limit_minutes=0"]), resume=str(out))
+    resumed = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in resumed] == pytest.approx(lrs, rel=1e-12)
+    for a, b in zip(full, resumed):
+        assert a["reward_mean"] == pytest.approx(b["reward_mean"], rel=1e-5, abs=1e-7)
+
+
+def test_velocity_kl_weighting_is_the_squared_velocity_gap_at_every_step(tmp_path, tiny_model_dir):
+    # train.kl_weighting = "velocity": before any update the KL term of each step is the mean squared gap
+    # between the base's unguided and guided velocities, with no per-step factor from the step's std.
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, sample__guidance_scale=1.0, sample__kind='"cps"', train__beta=0.1,
+                   train__ref_guidance=3.0, train__logprob_reduce='"mean"', train__kl_weighting='"velocity"')
+    policy, traj, cond, uncond = one_rollout(cfg)
+    s = train_on_batch(policy, traj, slice(0, 4), [0, 2], torch.ones(4), cond, uncond, cfg, 1.0)
+    model, c = policy.model, cond.index(slice(0, 4))
+    for j, kl in zip([0, 2], s["kl"]):
+        x, sig = traj.states[:, j], traj.sigmas[j]
+        with torch.no_grad():
+            v_c = model.velocity(x, sig.expand(4), c)
+            v_u = model.velocity(x, sig.expand(4), uncond)
+        expected = (v_c - (v_u + 3.0 * (v_c - v_u))).pow(2).flatten(1).mean(1).mean()
+        assert float(kl) > 1e-6
+        torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-9)
+    step = C.load(None, ["sample.guidance_scale=1.0", "sample.kind=\"cps\"", "train.beta=0.1",
+                         "train.ref_guidance=3.0"])
+    assert step.train.kl_weighting == "step"  # the default stays the exact Gaussian KL
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_trainable_trains_only_the_named_weights_and_refuses_a_name_that_matches_none(tmp_path, tiny_model_dir, lora):
+    from fgrpo.models.embedded import EmbeddedFlowModel
+
+    # LoRA adapts the attention projections only; its text-stream ones are the add_* projections.
+    text_path = '["add_"]' if lora else '["context", "add_", "text_embedder", "norm1.linear"]'
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, reward__name='"brightness"', train__epochs=2, train__trainable=text_path,
+                   train__lora_rank=lora)
+    policy = Policy(load_model(cfg.model), cfg.train)
+    names = set(policy.params)
+    assert names and all(any(s in n for s in cfg.train.trainable) for n in names)
+    assert (lora > 0) == all("lora_" in n for n in names)
+    train(cfg)
+    base = load_model(cfg.model).denoiser.state_dict()
+    trained = EmbeddedFlowModel.from_pretrained(tmp_path / "run" / "model").denoiser.state_dict()
+    moved = {n for n in base if not torch.equal(base[n], trained[n])}
+    text = {n for n in base if any(s in n for s in cfg.train.trainable)}
+    assert moved and moved <= text  # the image path (to_q, ff.net, proj_out, ...) is the base's to the bit
+    assert any("to_q" in n for n in base) and not any("attn.to_q" in n for n in moved)
+    with pytest.raises(C.ConfigError, match="no .*parameter of the denoiser has 'text_encoder'"):
+        Policy(load_model(cfg.model), C.load(None, ['train.trainable=["add_", "text_encoder"]']).train)
+    with pytest.raises(C.ConfigError, match="list of non-empty strings"):
+        C.load(None, ['train.trainable=["context", ""]'])
