@@ -209,7 +209,7 @@ def train_on_batch(policy: Policy, traj, sl: slice, steps: list[int], adv: torch
         if tc.beta > 0:
             v_ref = policy.reference_velocity(x, s, c, u, tc.ref_guidance or guidance)
             if tc.kl_weighting == "velocity":  # every step alike, not by 1 / its std^2
-                kl = (v.float() - v_ref.float()).pow(2).flatten(1).mean(1).mean()
+                kl = velocity_gap(v, v_ref)
             else:
                 mean_ref = sde_step(x, v_ref, s, s_next, noise_level=sc.noise_level, kind=sc.kind,
                                     next_sample=x_next, reduce=tc.logprob_reduce).mean
@@ -222,6 +222,12 @@ def train_on_batch(policy: Policy, traj, sl: slice, steps: list[int], adv: torch
         stats["clipped"].append(((r - 1).abs() > tc.clip_range).float())
         stats["loss"].append(loss.detach())
     return stats
+
+
+def velocity_gap(v: torch.Tensor, v_ref: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of each sample's mean squared velocity difference: the KL term of
+    `train.kl_weighting = "velocity"` and of `train.objective = "awm"`."""
+    return (v.float() - v_ref.float()).pow(2).flatten(1).mean(1).mean()
 
 
 def lr_at(tc: C.TrainConfig, step: int, total_steps: int) -> float:
@@ -274,7 +280,7 @@ def awm_on_batch(policy: Policy, traj, sl: slice, adv: torch.Tensor, cond: Promp
         loss = advantage_weighted_matching_loss(v, x0, noise, adv[sl])
         if tc.beta > 0:
             v_ref = policy.reference_velocity(x, sigma, c, None, 1.0)
-            kl = (v.float() - v_ref.float()).pow(2).flatten(1).mean(1).mean()
+            kl = velocity_gap(v, v_ref)
             loss = loss + tc.beta * kl
             stats["kl"].append(kl.detach())
         (loss * scale).backward()
