@@ -113,13 +113,15 @@ class TrainConfig:
     max_grad_norm: float = knob(1.0, "Gradient clipping norm (0 disables).", ge=0.0)
     grad_accum: int = knob(1, "Micro-batches accumulated per optimizer step.", ge=1)
     beta: float = knob(0.04, "KL weight to the reference policy (GenEval/OCR: 0.04, PickScore: 0.01).", ge=0.0)
-    ref_guidance: float = knob(0.0, "Guidance scale of the reference policy in the KL (needs train.beta > 0 and objective 'grpo'; "
+    ref_guidance: float = knob(0.0, "Guidance scale of the reference policy in the KL (needs train.beta > 0; "
                                "a config that sets it otherwise is refused): "
                                "0 = the rollouts' own sample.guidance_scale, so the KL is zero before the first update "
                                "(the paper). A scale > 1 with CFG-free rollouts makes the reference the base model as "
                                "guidance would sample it: the KL then pulls the unguided policy toward the guided base "
-                               "on the policy's own states while the clipped term follows the reward. Costs two "
-                               "reference forwards per trained step instead of one.", ge=0.0)
+                               "on the policy's own states while the clipped term follows the reward. With objective "
+                               "'awm' the KL is taken at the renoised final samples, so it distils guidance at every "
+                               "sigma of train.awm_sigma. Costs two reference forwards per trained step instead of one.",
+                               ge=0.0)
     kl_weighting: str = knob("step", "How the KL to the reference weighs the trained steps: 'step' = the exact Gaussian KL "
                              "of each step's transition (late, low-noise steps weigh up to 100x more: their std is small); "
                              "'velocity' = the mean squared difference of the two velocities, every step weighed alike "
@@ -156,7 +158,7 @@ class TrainConfig:
                           "train.awm_sigma; samples above their group's mean are pulled in, those below pushed away; no "
                           "log-probs, ratio or clipping; the prompt-conditional velocity is fitted whatever "
                           "sample.guidance_scale the rollouts use; train.beta then weighs the squared velocity gap "
-                          "to the reference).",
+                          "to the reference, guided by train.ref_guidance when that is set).",
                           choices=("grpo", "awm"))
     awm_sigma: list = knob([0.6, 1.0], "'awm': the range [low, high] sigma is drawn from, uniformly (0 < low <= high <= 1); "
                            "the high-noise end is where what is drawn gets decided.")
@@ -333,9 +335,6 @@ def _semantic_checks(cfg: Config, source: str) -> None:
     if not all(isinstance(v, str) and v for v in t.trainable):
         raise ConfigError(f"{source}: train.trainable must be a list of non-empty strings (parts of parameter names), "
                           f"got {t.trainable!r}")
-    if t.ref_guidance and t.objective != "grpo":
-        raise ConfigError(f"{source}: train.ref_guidance={t.ref_guidance} applies to objective 'grpo' only (its KL on step "
-                          f"means); with objective {t.objective!r} set it to 0")
     pc = cfg.pretrain
     if pc.prompt_strength < 1 and not pc.init:
         raise ConfigError(f"{source}: pretrain.prompt_strength={pc.prompt_strength} distils an existing model; "

@@ -258,18 +258,21 @@ def awm_noise(cfg: C.Config, epoch: int, sl: slice, draw: int, shape: tuple) -> 
     return torch.cat(sigma), torch.stack(noise)
 
 
-def awm_on_batch(policy: Policy, traj, sl: slice, adv: torch.Tensor, cond: PromptEmbeds, cfg: C.Config,
-                 scale: float, epoch: int) -> dict:
+def awm_on_batch(policy: Policy, traj, sl: slice, adv: torch.Tensor, cond: PromptEmbeds, uncond: PromptEmbeds | None,
+                 cfg: C.Config, scale: float, epoch: int) -> dict:
     """Accumulate gradients of the advantage-weighted matching loss over `train.awm_draws` renoisings of
     the batch's final samples (train.objective = "awm").
 
     What is fitted is the prompt-conditional velocity, as in pretraining, whatever guidance the rollouts
-    used: guided rollouts then teach the unguided model what guidance and the reward prefer.
+    used: guided rollouts then teach the unguided model what guidance and the reward prefer. With
+    `train.ref_guidance` > 1 the KL's reference is the base as that guidance samples it, so the KL term
+    distils guidance into the policy at every renoised sigma, not only on the SDE window's states.
     """
     tc = cfg.train
     model = policy.model
     x0 = traj.states[sl, -1]
     c = cond.index(sl)
+    u = uncond.index(slice(0, sl.stop - sl.start)) if uncond is not None else None
     stats = {"kl": [], "loss": []}
     for d in range(tc.awm_draws):
         sigma, noise = awm_noise(cfg, epoch, sl, d, tuple(x0.shape[1:]))
@@ -279,7 +282,7 @@ def awm_on_batch(policy: Policy, traj, sl: slice, adv: torch.Tensor, cond: Promp
         v = model.velocity(x, sigma, c)
         loss = advantage_weighted_matching_loss(v, x0, noise, adv[sl])
         if tc.beta > 0:
-            v_ref = policy.reference_velocity(x, sigma, c, None, 1.0)
+            v_ref = policy.reference_velocity(x, sigma, c, u, tc.ref_guidance or 1.0)
             kl = velocity_gap(v, v_ref)
             loss = loss + tc.beta * kl
             stats["kl"].append(kl.detach())
@@ -515,8 +518,8 @@ def train(cfg: C.Config, resume: str | None = None, progress: bool | None = None
                 sl = slice(b * sc.batch_size, (b + 1) * sc.batch_size)
                 with nvtx_range("train batch"):
                     if awm:
-                        s = awm_on_batch(policy, traj, sl, adv, cond, cfg, 1.0 / (tc.awm_draws * tc.grad_accum),
-                                         epoch)
+                        s = awm_on_batch(policy, traj, sl, adv, cond, uncond, cfg,
+                                         1.0 / (tc.awm_draws * tc.grad_accum), epoch)
                     else:
                         s = train_on_batch(policy, traj, sl, steps, adv, cond, uncond, cfg,
                                            1.0 / (len(steps) * tc.grad_accum))

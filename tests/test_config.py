@@ -100,5 +100,5 @@ def test_ref_guidance_without_a_kl_it_could_change_is_refused():
     assert C.load(None, ["train.beta=1.0", "train.ref_guidance=4.5"]).train.ref_guidance == 4.5
     with pytest.raises(C.ConfigError, match="train.ref_guidance=4.5 has no effect with train.beta=0"):
         C.load(None, ["train.beta=0.0", "train.ref_guidance=4.5"])
-    with pytest.raises(C.ConfigError, match="applies to objective 'grpo' only"):
-        C.load(None, ["train.beta=1.0", "train.ref_guidance=4.5", 'train.objective="awm"'])
+    awm = C.load(None, ["train.beta=1.0", "train.ref_guidance=4.5", 'train.objective="awm"'])
+    assert awm.train.ref_guidance == 4.5 and awm.train.objective == "awm"

@@ -13,7 +13,7 @@ from fgrpo.grpo import RewardError
 from fgrpo.models import load_model
 from fgrpo.rollout import rollout
 from fgrpo.sampling import flow_sigmas, unconditional
-from fgrpo.train import (Policy, PolicyMismatchError, awm_noise, check_on_policy, choose_prompts,
+from fgrpo.train import (Policy, PolicyMismatchError, awm_noise, awm_on_batch, check_on_policy, choose_prompts,
                          recompute_log_probs, recomputes_log_probs, task_reward_spread, task_weights, time_limit_reached,
                          train, train_on_batch)
 
@@ -447,6 +447,32 @@ def test_velocity_kl_weighting_is_the_squared_velocity_gap_at_every_step(tmp_pat
     step = C.load(None, ["sample.guidance_scale=1.0", "sample.kind=\"cps\"", "train.beta=0.1",
                          "train.ref_guidance=3.0"])
     assert step.train.kl_weighting == "step"  # the default stays the exact Gaussian KL
+
+
+def test_awm_kl_with_a_guided_reference_is_the_guidance_gap_at_the_renoised_states(tmp_path, tiny_model_dir):
+    # train.objective = "awm" with train.ref_guidance = 3: before any update each draw's KL is the mean
+    # squared gap between the base's unguided and guided velocities at that draw's renoised final samples.
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, sample__guidance_scale=1.0, train__objective='"awm"', train__beta=0.1,
+                   train__ref_guidance=3.0, train__awm_draws=2, train__awm_sigma=[0.2, 1.0])
+    policy, traj, cond, uncond = one_rollout(cfg)
+    assert uncond is not None
+    s = awm_on_batch(policy, traj, slice(0, 4), torch.ones(4), cond, uncond, cfg, 1.0, epoch=5)
+    model, c, x0 = policy.model, cond.index(slice(0, 4)), traj.states[:4, -1]
+    assert len(s["kl"]) == 2
+    for d, kl in enumerate(s["kl"]):
+        sigma, noise = awm_noise(cfg, 5, slice(0, 4), d, tuple(x0.shape[1:]))
+        s_ = sigma.view(-1, *([1] * (x0.dim() - 1)))
+        x = (1 - s_) * x0 + s_ * noise
+        with torch.no_grad():
+            v_c = model.velocity(x, sigma, c)
+            v_u = model.velocity(x, sigma, uncond.index(slice(0, 4)))
+        expected = (v_c - (v_u + 3.0 * (v_c - v_u))).pow(2).flatten(1).mean(1).mean()
+        assert float(kl) > 1e-6
+        torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-9)
+    unguided = tiny_cfg(tmp_path, tiny_model_dir, sample__guidance_scale=1.0, train__objective='"awm"', train__beta=0.1)
+    policy, traj, cond, uncond = one_rollout(unguided)
+    s = awm_on_batch(policy, traj, slice(0, 4), torch.ones(4), cond, uncond, unguided, 1.0, epoch=5)
+    assert all(float(kl) == 0.0 for kl in s["kl"])  # the reference is the policy itself before an update
 
 
 @pytest.mark.parametrize("lora", [0, 4])
