@@ -120,7 +120,7 @@ class TrainConfig:
                                "guidance would sample it: the KL then pulls the unguided policy toward the guided base "
                                "on the policy's own states while the clipped term follows the reward. With objective "
                                "'awm' the KL is taken at the renoised final samples, so it distils guidance at every "
-                               "sigma of train.awm_sigma. Costs two reference forwards per trained step instead of one.",
+                               "sigma of train.awm_sigma. Costs two reference forwards per trained step (or renoising) instead of one.",
                                ge=0.0)
     kl_weighting: str = knob("step", "How the KL to the reference weighs the trained steps: 'step' = the exact Gaussian KL "
                              "of each step's transition (late, low-noise steps weigh up to 100x more: their std is small); "
